@@ -1,9 +1,19 @@
 """Loads the optional CUDA extension `edm_fast._C` and remembers why it is missing if it is."""
 
 import importlib
+import json
+import os
 
 _module = None
 _reason = None
+
+
+def _build_reason():
+    try:
+        with open(os.path.join(os.path.dirname(__file__), '_build_info.json')) as f:
+            return json.load(f).get('reason')
+    except (OSError, ValueError):
+        return None
 
 
 def load():
@@ -13,8 +23,9 @@ def load():
         try:
             _module = importlib.import_module('edm_fast._C')
         except ImportError as e:
-            _reason = f'edm_fast._C is not built or failed to load ({e}); reinstall with a CUDA toolchain ' \
-                      f'and a CUDA build of torch: pip install -e . --no-build-isolation'
+            why = _build_reason()
+            _reason = (f'it was not built: {why}' if why else f'it failed to load ({e})') + \
+                '; build it with a CUDA build of torch and nvcc: pip install -e . --no-build-isolation'
     return _module
 
 

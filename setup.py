@@ -43,8 +43,8 @@ def cuda_extension():
         name='edm_fast._C',
         sources=sources,
         include_dirs=[os.path.join(HERE, 'csrc')],
-        extra_compile_args={'cxx': ['-O3', '-std=c++17'],
-                            'nvcc': ['-O3', '-std=c++17', '-lineinfo', '--expt-relaxed-constexpr']},
+        extra_compile_args={'cxx': ['-O3'],
+                            'nvcc': ['-O3', '-lineinfo', '--expt-relaxed-constexpr']},
     )
     _say(f'building edm_fast._C from {len(sources)} sources for TORCH_CUDA_ARCH_LIST='
          f'{os.environ["TORCH_CUDA_ARCH_LIST"]} with {nvcc}')

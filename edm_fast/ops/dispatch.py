@@ -6,8 +6,9 @@ choice, in order of precedence:
 1. an explicit `backend=` argument on the call;
 2. the `EDM_FAST_BACKEND` environment variable: one backend for every op (`cuda`), per-op
    entries (`group_norm=triton,attention=reference`), or both (`auto,attention=reference`);
-3. `auto`: the CUDA extension if built and it supports the inputs, else Triton if the tensors are on
-   a GPU and supported, else the reference.
+3. `auto`: the op's preferred order (by default the CUDA extension, then Triton, then PyTorch's own
+   fused kernels `sdpa`, then the reference), taking the first backend that supports the inputs. An op
+   may set its own order with `set_auto_order` when a benchmark shows another provider is faster.
 
 Under `auto` an unsupported backend is skipped quietly; an explicitly requested backend that cannot
 run raises an error saying why. Each selection is counted (outside of torch.compile tracing) so tests
@@ -21,13 +22,14 @@ import os
 
 import torch
 
-BACKENDS = ('reference', 'triton', 'cuda')
-AUTO_ORDER = ('cuda', 'triton', 'reference')
+BACKENDS = ('reference', 'sdpa', 'triton', 'cuda')
+AUTO_ORDER = ('cuda', 'triton', 'sdpa', 'reference')
 ENV_VAR = 'EDM_FAST_BACKEND'
 
 # op name -> backend name -> (implementation, supports(*args, **kwargs) -> None or reason string)
 _registry = collections.defaultdict(dict)
 _counts = collections.Counter()
+_auto_order = {}
 
 
 def register(op, backend, impl, supports=None):
@@ -39,6 +41,14 @@ def register(op, backend, impl, supports=None):
     if backend not in BACKENDS:
         raise ValueError(f'unknown backend {backend!r}; expected one of {BACKENDS}')
     _registry[op][backend] = (impl, supports or (lambda *a, **k: None))
+
+
+def set_auto_order(op, order):
+    """Backends `auto` tries for `op`, in order (unknown or unregistered names are skipped)."""
+    unknown = [b for b in order if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f'unknown backends {unknown}; expected names from {BACKENDS}')
+    _auto_order[op] = tuple(order)
 
 
 def implementations(op):
@@ -75,7 +85,7 @@ def select(op, backend, *args, **kwargs):
     want = requested_backend(op, backend)
     impls = _registry[op]
     if want == 'auto':
-        for name in AUTO_ORDER:
+        for name in _auto_order.get(op, AUTO_ORDER):
             if name in impls and impls[name][1](*args, **kwargs) is None:
                 return _chosen(op, name, impls[name][0])
         raise RuntimeError(f'edm_fast.ops.{op}: no backend supports these inputs')

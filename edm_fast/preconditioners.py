@@ -33,8 +33,22 @@ class _Precond(torch.nn.Module):
         self.use_fp16 = use_fp16
 
     def compute_dtype(self, x, force_fp32=False):
-        """Activation dtype of the inner U-Net: fp16 with use_fp16 on CUDA unless forced to fp32."""
-        return torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
+        """Activation dtype of the inner U-Net: fp16 with use_fp16 on CUDA unless forced to fp32 (NVlabs), or
+        the dtype chosen at run time with set_compute_dtype (e.g. bf16), which applies on any device."""
+        if force_fp32:
+            return torch.float32
+        override = self.__dict__.get('_compute_dtype')
+        if override is not None:
+            return override
+        return torch.float16 if (self.use_fp16 and x.device.type == 'cuda') else torch.float32
+
+    def set_compute_dtype(self, dtype):
+        """Run the U-Net body in `dtype` (fp32/fp16/bf16); None restores the use_fp16 rule. Parameters stay
+        fp32 and this setting is not part of the state dict or the constructor arguments."""
+        if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f'compute dtype must be float32, float16, bfloat16 or None, got {dtype}')
+        self.__dict__['_compute_dtype'] = dtype
+        return self
 
     def _prepare(self, x, sigma, class_labels):
         x = x.to(torch.float32)

@@ -165,9 +165,9 @@ def check_loss(case):
 CHECKERS = {'layer': check_layer, 'attention_op': check_attention_op, 'precond': check_precond, 'loss': check_loss}
 
 # Kinds checked by the test module of the feature that implements them.
-CHECKED_ELSEWHERE = {}
+CHECKED_ELSEWHERE = {'sampler': 'test_sampler_vectors.py', 'tsteps': 'test_sampler_vectors.py'}
 # Kinds whose feature has not landed yet, with the issue that brings it (reported as skips below).
-PENDING = {'sampler': 'issue 3 (sampling)', 'tsteps': 'issue 3 (sampling)', 'edm2_block': 'issue 11 (EDM2)',
+PENDING = {'edm2_block': 'issue 11 (EDM2)',
            'edm2_loss': 'issue 11', 'edm2_lr': 'issue 11', 'edm2_mpconv': 'issue 11', 'edm2_phema': 'issue 11',
            'edm2_precond': 'issue 11', 'edm2_prims': 'issue 11', 'edm2_sampler': 'issue 11'}
 

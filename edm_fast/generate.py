@@ -1,0 +1,116 @@
+"""generate_images(): batched, distributed image generation with NVlabs seed semantics (spec §4.3-4.4).
+
+Seeds are split across torchrun ranks exactly as NVlabs generate.py splits them; each image draws its
+latents, then its class index, then one churn-noise tensor per step from its own generator, so an image
+depends only on its seed. A faster denoiser (compiled, graph-captured) can be passed as `denoiser`
+without changing callers: the sampler still reads sigma_min/sigma_max/round_sigma from `net`.
+"""
+
+import collections
+import math
+
+import torch
+
+from . import sampling
+
+Batch = collections.namedtuple('Batch', ['images', 'labels', 'seeds'])
+Batch.__doc__ = """images: uint8 [B, C, H, W] on the sampling device; labels: int64 class indices [B] or None;
+seeds: list of the B seeds."""
+
+ABLATION_KEYS = ('solver', 'discretization', 'schedule', 'scaling')
+
+
+def dist_rank_world():
+    """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
+    """This rank's seed batches: ceil(n / (batch * world)) * world near-equal contiguous chunks,
+    dealt round-robin (chunk r, r + world, ...), as NVlabs does. Some batches may be empty."""
+    if max_batch_size < 1:
+        raise ValueError(f'max_batch_size must be >= 1, got {max_batch_size}')
+    num_batches = max(math.ceil(len(seeds) / (max_batch_size * world_size)), 1) * world_size
+    chunks = torch.as_tensor(list(seeds), dtype=torch.int64).tensor_split(num_batches)
+    return [chunk.tolist() for chunk in chunks[rank::world_size]]
+
+
+def select_sampler(**sampler_kwargs):
+    """(sampler function, kwargs): options set to None are dropped; any ablation option selects the
+    ablation sampler, otherwise edm_sampler runs (NVlabs generate.py rule)."""
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    if any(k in kwargs for k in ABLATION_KEYS):
+        return sampling.ablation_sampler, kwargs
+    return sampling.edm_sampler, kwargs
+
+
+def to_uint8(x):
+    """NVlabs conversion: clip(127.5 x + 128, 0, 255) truncated toward zero."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+class Denoiser:
+    """Presents `fn(x, sigma, class_labels)` to the samplers with `net`'s sigma range and round_sigma."""
+
+    def __init__(self, net, fn):
+        self.net, self.fn = net, fn
+        self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.fn(x, sigma, class_labels)
+
+
+def check_class(net, class_idx):
+    if class_idx is None:
+        return
+    if not net.label_dim:
+        raise ValueError(f'class {class_idx} requested, but the network is unconditional (label_dim = 0)')
+    if not 0 <= class_idx < net.label_dim:
+        raise ValueError(f'class {class_idx} is out of range: the network has {net.label_dim} classes (0..{net.label_dim - 1})')
+
+
+@torch.no_grad()
+def generate_images(net, seeds, *, max_batch_size=64, class_idx=None, device=None, denoiser=None, progress=False,
+                    **sampler_kwargs):
+    """Yield Batch(images, labels, seeds) for this rank's share of `seeds`.
+
+    net: a preconditioner (eval mode) on `device`; sampler_kwargs: edm_sampler / ablation_sampler options
+    (num_steps, sigma_min, ..., solver, discretization, schedule, scaling; None means default).
+    Under torch.distributed every rank must call this with the same seeds; a barrier runs per batch.
+    """
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    check_class(net, class_idx)
+    if any(int(s) != s or s < 0 for s in seeds):
+        raise ValueError('seeds must be non-negative integers')
+    fn, kwargs = select_sampler(**sampler_kwargs)
+    model = Denoiser(net, denoiser) if denoiser is not None else net
+    rank, world = dist_rank_world()
+    batches = rank_batches(seeds, max_batch_size, rank, world)
+    bar = None
+    if progress and rank == 0:
+        import tqdm
+        bar = tqdm.tqdm(total=sum(map(len, batches)), unit='img', desc=f'Generating (rank 0 of {world})')
+    try:
+        for batch_seeds in batches:
+            if world > 1:
+                torch.distributed.barrier()
+            if not batch_seeds:
+                continue
+            n = len(batch_seeds)
+            rnd = sampling.StackedRandomGenerator(device, batch_seeds)
+            latents = rnd.randn([n, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+            labels = class_labels = None
+            if net.label_dim:
+                labels = rnd.randint(net.label_dim, size=[n], device=device)  # drawn even with class_idx
+                if class_idx is not None:
+                    labels = torch.full_like(labels, class_idx)
+                class_labels = torch.eye(net.label_dim, device=device)[labels]
+            x = fn(model, latents, class_labels, randn_like=rnd.randn_like, **kwargs)
+            yield Batch(to_uint8(x), labels, batch_seeds)
+            if bar is not None:
+                bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,62 @@
+"""Writing generated images: NVlabs file names, atomic PNG/npz writes, image grids."""
+
+import math
+import os
+import tempfile
+
+import numpy as np
+import PIL.Image
+
+
+def image_path(outdir, seed, subdirs=False):
+    """<outdir>/<seed:06d>.png, or <outdir>/<seed - seed % 1000:06d>/<seed:06d>.png with subdirs (as NVlabs)."""
+    folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+    return os.path.join(folder, f'{seed:06d}.png')
+
+
+def _atomic_write(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def to_pil(image_hwc):
+    """uint8 [H, W, C] -> PIL image, mode 'L' for one channel and 'RGB' otherwise (as NVlabs)."""
+    image_hwc = np.asarray(image_hwc)
+    if image_hwc.shape[2] == 1:
+        return PIL.Image.fromarray(image_hwc[:, :, 0], 'L')
+    return PIL.Image.fromarray(image_hwc, 'RGB')
+
+
+def save_png(image_hwc, path):
+    """Write one uint8 [H, W, C] image as PNG atomically (a temporary file, then rename)."""
+    _atomic_write(path, lambda f: to_pil(image_hwc).save(f, format='PNG'))
+
+
+def make_grid(images_nhwc, grid_w=None):
+    """Tile N uint8 [H, W, C] images row-major into one image, grid_w columns (default ceil(sqrt(N)))."""
+    images_nhwc = np.asarray(images_nhwc)
+    n, h, w, c = images_nhwc.shape
+    grid_w = grid_w or max(1, math.ceil(math.sqrt(n)))
+    grid_h = math.ceil(n / grid_w)
+    canvas = np.zeros([grid_h * grid_w, h, w, c], dtype=np.uint8)
+    canvas[:n] = images_nhwc
+    return canvas.reshape(grid_h, grid_w, h, w, c).transpose(0, 2, 1, 3, 4).reshape(grid_h * h, grid_w * w, c)
+
+
+def save_npz(path, images_nhwc, seeds, labels=None):
+    """All images in one .npz: arr_0 = uint8 [N, H, W, C] (the key FID evaluators read), seeds, labels."""
+    arrays = dict(arr_0=np.asarray(images_nhwc, dtype=np.uint8), seeds=np.asarray(seeds, dtype=np.int64))
+    if labels is not None:
+        arrays['labels'] = np.asarray(labels, dtype=np.int64)
+    _atomic_write(path, lambda f: np.savez(f, **arrays))

@@ -1,0 +1,119 @@
+"""sample.py end to end (in-process through click): NVlabs file names, --subdirs, --grid, --npz, errors."""
+
+import os
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edm_fast import generate, networks
+from edm_fast.checkpoint import save_snapshot
+from test_generate import tiny_net
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sample  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def snapshots(tmp_path_factory):
+    d = tmp_path_factory.mktemp('nets')
+    cond, uncond = str(d / 'cond.safetensors'), str(d / 'uncond.safetensors')
+    save_snapshot(cond, ema=tiny_net(label_dim=4))
+    save_snapshot(uncond, ema=tiny_net(label_dim=0, seed=1))
+    return cond, uncond
+
+
+def invoke(*args):
+    extra = ['--device', 'cpu'] + ([] if '--steps' in args else ['--steps', '3'])
+    return CliRunner().invoke(sample.main, list(args) + extra, catch_exceptions=False)
+
+
+def test_parse_seeds():
+    assert sample.parse_seeds(None, None, '0-3,10,20-21') == [0, 1, 2, 3, 10, 20, 21]
+    for bad in ('1-', '5-3', 'a', '1,,2', '-1'):
+        with pytest.raises(Exception, match='expected a comma-separated list'):
+            sample.parse_seeds(None, None, bad)
+
+
+def test_pngs_grid_npz(snapshots, tmp_path):
+    out = tmp_path / 'out'
+    r = invoke('--network', snapshots[0], '--outdir', str(out), '--seeds', '5-9', '--batch', '2',
+               '--grid', str(tmp_path / 'grid.png'), '--npz', str(tmp_path / 'all.npz'))
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == [f'{s:06d}.png' for s in range(5, 10)]
+    pngs = [np.asarray(PIL.Image.open(out / f'{s:06d}.png')) for s in range(5, 10)]
+    assert all(p.shape == (8, 8, 3) and p.dtype == np.uint8 for p in pngs)
+    data = np.load(tmp_path / 'all.npz')
+    assert data['arr_0'].shape == (5, 8, 8, 3) and data['seeds'].tolist() == list(range(5, 10))
+    assert all(np.array_equal(a, b) for a, b in zip(data['arr_0'], pngs))
+    assert data['labels'].min() >= 0 and data['labels'].max() < 4
+    grid = np.asarray(PIL.Image.open(tmp_path / 'grid.png'))
+    assert grid.shape == (16, 24, 3) and np.array_equal(grid[0:8, 8:16], pngs[1]) and np.array_equal(grid[8:16, 0:8], pngs[3])
+    assert 'Generated 5 images' in r.output and 'images/s' in r.output and '5 NFE per image' in r.output
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
+
+
+def test_pngs_match_generate_images(snapshots, tmp_path):
+    r = invoke('--network', snapshots[0], '--outdir', str(tmp_path), '--seeds', '0-2', '--class', '1')
+    assert r.exit_code == 0, r.output
+    from edm_fast.checkpoint import load_network
+    net = load_network(snapshots[0])
+    batch = next(generate.generate_images(net, [0, 1, 2], num_steps=3, class_idx=1))
+    for s, img in zip(batch.seeds, batch.images):
+        assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / f'{s:06d}.png')), img.permute(1, 2, 0).numpy())
+
+
+def test_subdirs_and_grayscale(tmp_path):
+    torch.manual_seed(0)
+    gray = networks.EDMPrecond(img_resolution=8, img_channels=1, model_type='SongUNet', model_channels=8,
+                               channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    path = str(tmp_path / 'gray.safetensors')
+    save_snapshot(path, ema=gray)
+    out = tmp_path / 'out'
+    r = invoke('--network', path, '--outdir', str(out), '--seeds', '998-1001', '--subdirs')
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == ['000000', '001000']
+    assert sorted(os.listdir(out / '000000')) == ['000998.png', '000999.png']
+    assert PIL.Image.open(out / '001000' / '001001.png').mode == 'L'
+
+
+def test_ablation_flags_select_ablation_sampler(snapshots, tmp_path):
+    r = invoke('--network', snapshots[1], '--outdir', str(tmp_path), '--seeds', '0', '--solver', 'euler',
+               '--disc', 'vp', '--schedule', 'vp', '--scaling', 'vp')
+    assert r.exit_code == 0, r.output
+    assert '3 NFE per image' in r.output  # Euler: N evaluations
+
+
+@pytest.mark.parametrize('args, flag, words', [
+    (['--seeds', '3-1'], '--seeds', 'a <= b'),
+    (['--class', '7'], '--class', 'out of range'),
+    (['--steps', '1'], '--steps', '1'),
+])
+def test_errors_name_the_flag(snapshots, tmp_path, args, flag, words):
+    r = invoke('--network', snapshots[0], '--outdir', str(tmp_path), *args)
+    assert r.exit_code != 0 and flag in r.output and words in r.output, r.output
+    assert not any(f.endswith('.png') for f in os.listdir(tmp_path))
+
+
+def test_unconditional_net_refuses_class(snapshots, tmp_path):
+    r = invoke('--network', snapshots[1], '--outdir', str(tmp_path), '--class', '0')
+    assert r.exit_code != 0 and '--class' in r.output and 'unconditional' in r.output
+
+
+def test_foreign_or_missing_network(tmp_path):
+    bad = tmp_path / 'notes.txt'
+    bad.write_text('not a network')
+    for path in (str(bad), str(tmp_path / 'missing.pkl')):
+        r = invoke('--network', path, '--outdir', str(tmp_path / 'o'))
+        assert r.exit_code != 0 and '--network' in r.output and path in r.output, r.output
+        assert len(r.output.strip().splitlines()) <= 4
+
+
+def test_unwritable_outdir(snapshots, tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    r = invoke('--network', snapshots[0], '--outdir', str(blocker / 'sub'))
+    assert r.exit_code != 0 and '--outdir' in r.output

@@ -245,8 +245,11 @@ def _loss_from_record(record, src):
 
 
 def _augment_from_spec(class_name, kwargs):
-    """The augment pipe of a snapshot. For now a plain description; swap in the AugmentPipe class here."""
-    return {'class_name': class_name, 'kwargs': dict(kwargs)}
+    """The augment pipe of a snapshot, rebuilt as edm_fast.augment.AugmentPipe (same argument names as NVlabs)."""
+    from .augment import AugmentPipe
+    if str(class_name).rsplit('.', 1)[-1] != 'AugmentPipe':
+        raise CheckpointError(f'unknown augment pipe class {class_name!r}; expected AugmentPipe')
+    return AugmentPipe(**dict(kwargs))
 
 
 def _augment_to_spec(augment_pipe):

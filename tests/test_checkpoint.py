@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from edm_fast.augment import AugmentPipe
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import nvlabs_pickle_writer as writer  # noqa: E402
@@ -240,8 +242,8 @@ def test_load_snapshot_nvlabs(small_edm_pickle):
     assert type(snap['loss_fn']) is loss.EDMLoss
     assert snap['loss_fn'].init_kwargs == loss_fn.init_kwargs == dict(P_mean=-1.1, P_std=1.3)
     assert (snap['loss_fn'].P_mean, snap['loss_fn'].P_std, snap['loss_fn'].sigma_data) == (-1.1, 1.3, 0.5)
-    assert snap['augment_pipe'] == {'class_name': 'AugmentPipe', 'kwargs': aug.init_kwargs}
-    assert snap['augment_pipe']['kwargs']['p'] == 0.15
+    assert type(snap['augment_pipe']) is AugmentPipe and snap['augment_pipe'].init_kwargs == aug.init_kwargs
+    assert snap['augment_pipe'].p == 0.15
     assert snap['dataset_kwargs'] == dataset_kwargs and type(snap['dataset_kwargs']) is dict
 
 
@@ -698,7 +700,7 @@ def test_own_format_metadata(tmp_path):
     dataset_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path='d.zip', use_labels=True,
                           xflip=False, cache=True, resolution=8, max_size=123)
     extra = dict(kimg=200, cur_tick=4, note='hello', nested={'a': [1, 2.5]})
-    for aug in (writer.FakeAugmentPipe(p=0.2), {'class_name': 'AugmentPipe', 'kwargs': dict(p=0.3, xflip=1e8)}):
+    for aug in (AugmentPipe(p=0.2, xflip=1e8, scale=1), {'class_name': 'AugmentPipe', 'kwargs': dict(p=0.3, xflip=1e8)}):
         checkpoint.save_snapshot(path, net, loss_fn=loss.VPLoss(beta_d=18.5, epsilon_t=1e-4), augment_pipe=aug,
                                  dataset_kwargs=dataset_kwargs, extra=extra)
         snap = checkpoint.load_snapshot(path)
@@ -707,11 +709,8 @@ def test_own_format_metadata(tmp_path):
         assert type(snap['loss_fn']) is loss.VPLoss
         assert snap['loss_fn'].init_kwargs == dict(beta_d=18.5, epsilon_t=1e-4)
         assert vars(snap['loss_fn']) == vars(loss.VPLoss(beta_d=18.5, epsilon_t=1e-4))
-        if isinstance(aug, writer.FakeAugmentPipe):  # an object: its class name and init_kwargs
-            expected = {'class_name': 'FakeAugmentPipe', 'kwargs': aug.init_kwargs}
-        else:
-            expected = aug
-        assert snap['augment_pipe'] == expected
+        expected = aug.init_kwargs if isinstance(aug, AugmentPipe) else aug['kwargs']
+        assert type(snap['augment_pipe']) is AugmentPipe and snap['augment_pipe'].init_kwargs == expected
         assert snap['dataset_kwargs'] == dataset_kwargs
         assert snap['extra'] == extra
 
@@ -724,8 +723,8 @@ def test_nvlabs_to_own_format(small_edm_pickle, tmp_path):
                              extra=dict(kimg=0))
     again = checkpoint.load_snapshot(path)
     assert_same_network(small_edm_pickle[1], again['ema'])
-    for key in ('augment_pipe', 'dataset_kwargs'):
-        assert again[key] == snap[key]
+    assert again['dataset_kwargs'] == snap['dataset_kwargs']
+    assert again['augment_pipe'].init_kwargs == snap['augment_pipe'].init_kwargs
     assert again['loss_fn'].init_kwargs == snap['loss_fn'].init_kwargs
 
 

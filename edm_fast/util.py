@@ -52,3 +52,105 @@ def to_jsonable(value):
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     raise TypeError(f'cannot store a value of type {type(value).__name__} in a snapshot header: {value!r}')
+
+
+class Logger:
+    """Tee sys.stdout and sys.stderr into a log file (append mode) until close()."""
+
+    def __init__(self, file_name, file_mode='a'):
+        import sys
+        self.file = open(file_name, file_mode)
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(self.stdout, self.file), _Tee(self.stderr, self.file)
+
+    def close(self):
+        import sys
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.file.close()
+
+
+class _Tee:
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text):
+        self.stream.write(text)
+        if not self.file.closed:
+            self.file.write(text)
+            self.file.flush()
+
+    def flush(self):
+        self.stream.flush()
+        if not self.file.closed:
+            self.file.flush()
+
+    def isatty(self):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def format_time(seconds):
+    """'1d 02h 03m', '2h 03m 04s', '3m 04s' or '5s' (NVlabs status-line format)."""
+    s = int(round(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 60 * 60:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 24 * 60 * 60:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
+    return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
+
+
+def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
+    """Print a table of submodules (parameters, buffers, output shape, dtype) from one forward pass.
+
+    The forward runs as the module is (training mode included), so it consumes RNG like NVlabs's
+    summary does. Returns the outputs.
+    """
+    import torch
+    entries = []
+    nesting = [0]
+
+    def pre_hook(_mod, _inputs):
+        nesting[0] += 1
+
+    def post_hook(mod, _inputs, outputs):
+        nesting[0] -= 1
+        if nesting[0] <= max_nesting:
+            outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+            entries.append((mod, [t for t in outs if isinstance(t, torch.Tensor)]))
+
+    hooks = [m.register_forward_pre_hook(pre_hook) for m in module.modules()]
+    hooks += [m.register_forward_hook(post_hook) for m in module.modules()]
+    with torch.no_grad():
+        outputs = module(*inputs)
+    for h in hooks:
+        h.remove()
+
+    names = {mod: name for name, mod in module.named_modules()}
+    seen = set()
+    rows = [['Module', 'Parameters', 'Buffers', 'Output shape', 'Datatype'], ['---'] * 5]
+    total_p = total_b = 0
+    for mod, outs in entries:
+        params = [p for p in mod.parameters() if id(p) not in seen]
+        buffers = [b for b in mod.buffers() if id(b) not in seen]
+        seen.update(id(t) for t in params + buffers)
+        if skip_redundant and not params and not buffers and mod is not module:
+            continue
+        np_, nb = sum(p.numel() for p in params), sum(b.numel() for b in buffers)
+        total_p, total_b = total_p + np_, total_b + nb
+        shapes = [str(list(t.shape)) for t in outs] or ['-']
+        dtypes = [str(t.dtype).split('.')[-1] for t in outs] or ['-']
+        name = names.get(mod, '?') or '<top-level>'
+        for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+            rows.append([name + (f':{i}' if len(outs) > 1 else '') if i == 0 or len(outs) > 1 else '',
+                         str(np_) if i == 0 and np_ else '-', str(nb) if i == 0 and nb else '-', shape, dtype])
+    rows += [['---'] * 5, ['Total', str(total_p), str(total_b), '', '']]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    print()
+    for r in rows:
+        print('  '.join(c + ' ' * (w - len(c)) for c, w in zip(r, widths)).rstrip())
+    print()
+    return outputs

@@ -1,0 +1,153 @@
+"""Training states: everything needed to continue a run bit-exactly, in a file that cannot run code.
+
+A state is a torch.save'd dict of tensors and plain values only, loaded with torch.load(weights_only=True):
+network and EMA state dicts, the optimizer state, every rank's RNG states, the number of images seen (which
+is also the data position of the InfiniteSampler), tick counters and the run's batch size, world size and
+network config (checked on resume). Files are written atomically: a kill at any moment leaves the previous
+state intact.
+"""
+
+import glob
+import json
+import os
+import re
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+FORMAT = 'edm_fast.training_state'
+VERSION = 1
+_NAME = re.compile(r'training-state-(\d+)\.pt$')
+
+
+def state_path(run_dir, cur_nimg):
+    return os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt')
+
+
+def latest_state(run_dir):
+    """The newest training-state-*.pt in run_dir (by kimg in the name, then modification time), or None."""
+    files = [f for f in glob.glob(os.path.join(run_dir, 'training-state-*.pt')) if _NAME.search(f)]
+    if not files:
+        return None
+    return max(files, key=lambda f: (int(_NAME.search(f).group(1)), os.path.getmtime(f)))
+
+
+def _rng_state(device):
+    np_state = np.random.get_state()
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(device) if torch.device(device).type == 'cuda' else None,
+                numpy_keys=torch.from_numpy(np_state[1].astype(np.int64)), numpy_pos=int(np_state[2]),
+                numpy_has_gauss=int(np_state[3]), numpy_gauss=float(np_state[4]))
+
+
+def _set_rng_state(rng, device):
+    torch.set_rng_state(rng['torch'])
+    if rng.get('cuda') is not None and torch.device(device).type == 'cuda':
+        torch.cuda.set_rng_state(rng['cuda'], device)
+    np.random.set_state(('MT19937', rng['numpy_keys'].numpy().astype(np.uint32), rng['numpy_pos'],
+                         rng['numpy_has_gauss'], rng['numpy_gauss']))
+
+
+def _cpu_state_dict(module):
+    return {k: v.detach().to('cpu', copy=True) for k, v in module.state_dict().items()}
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def save(run_dir, *, rank, device, net, ema, optimizer, cur_nimg, cur_tick, tick_start_nimg, elapsed_s, batch_size,
+         world, seed, network_kwargs):
+    """Collective: every rank contributes its RNG state; rank 0 writes the file atomically. Returns its path."""
+    rng = _rng_state(device)
+    if torch.distributed.is_initialized():
+        rngs = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(rng, rngs, dst=0)
+    else:
+        rngs = [rng]
+    path = state_path(run_dir, cur_nimg)
+    if rank == 0:
+        state = dict(format=FORMAT, version=VERSION, net=_cpu_state_dict(net), ema=_cpu_state_dict(ema),
+                     optimizer=_to_cpu(optimizer.state_dict()), rng=rngs, cur_nimg=int(cur_nimg),
+                     cur_tick=int(cur_tick), tick_start_nimg=int(tick_start_nimg), elapsed_s=float(elapsed_s),
+                     batch_size=int(batch_size), world=int(world), seed=int(seed),
+                     network_kwargs_json=json.dumps(network_kwargs, sort_keys=True))
+        fd, tmp = tempfile.mkstemp(prefix='.training-state-', suffix='.tmp', dir=run_dir)
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return path
+
+
+def probe(path):
+    """('edm_fast', state) for our state files, ('nvlabs', None) for an NVlabs training-state .pt.
+
+    Raises a clear error for a missing, empty or unreadable file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'training state {path!r} does not exist')
+    if os.path.getsize(path) == 0:
+        raise ValueError(f'training state {path!r} is empty (an interrupted write?); resume from an earlier state')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # NVlabs states hold pickled modules, which weights_only refuses
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e) or 'GLOBAL' in str(e):
+            return 'nvlabs', None
+        raise ValueError(f'cannot read training state {path!r}: {e}') from e
+    if not isinstance(state, dict) or state.get('format') != FORMAT:
+        raise ValueError(f'{path!r} is not an edm_fast or NVlabs training state')
+    if state.get('version') != VERSION:
+        raise ValueError(f'{path!r} has training-state version {state.get("version")}; this edm_fast reads {VERSION}')
+    return 'edm_fast', state
+
+
+def check_compatible(state, *, batch_size, world, network_kwargs, path='the training state'):
+    """Refuse resumes that cannot continue the same run; warn when exactness is lost (other world size)."""
+    if state['batch_size'] != batch_size:
+        raise ValueError(f'{path} was written with --batch={state["batch_size"]}, this run uses --batch={batch_size}: '
+                         f'the learning-rate/EMA schedule and data position would not continue; use the same --batch')
+    saved = json.loads(state['network_kwargs_json'])
+    if saved != json.loads(json.dumps(network_kwargs, sort_keys=True)):
+        diff = sorted(k for k in set(saved) | set(network_kwargs) if saved.get(k) != network_kwargs.get(k))
+        raise ValueError(f'{path} was written for a different network (options differing: {", ".join(diff)}); '
+                         f'resume with the original options')
+    if state['world'] != world:
+        warnings.warn(f'{path} was written by {state["world"]} processes and is resumed by {world}: training continues, '
+                      f'but the per-rank random streams cannot be restored, so it is no longer bit-exact')
+
+
+def restore(state, *, net, ema, optimizer, rank, device):
+    net.load_state_dict(state['net'], strict=True)
+    ema.load_state_dict(state['ema'], strict=True)
+    optimizer.load_state_dict(state['optimizer'])
+    if state['world'] == (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1):
+        _set_rng_state(state['rng'][rank], device)
+
+
+@torch.no_grad()
+def copy_params_and_buffers(src, dst, require_all=False):
+    """Copy tensors from src to dst by name (parameters and buffers); names missing in src are left alone."""
+    src_tensors = dict(src.named_parameters())
+    src_tensors.update(src.named_buffers())
+    for name, tensor in list(dst.named_parameters()) + list(dst.named_buffers()):
+        if name in src_tensors:
+            tensor.copy_(src_tensors[name].detach())
+        elif require_all:
+            raise ValueError(f'{name} is missing from the source network')

@@ -1,0 +1,224 @@
+"""Train an EDM diffusion model: every option of NVlabs train.py, plus a performance group.
+
+  torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs --data=datasets/cifar10-32x32.zip \\
+      --cond=1 --arch=ddpmpp
+
+The script only builds the config dict (written as training_options.json) and calls
+edm_fast.training_loop.training_loop(**config). Snapshots are edm_fast files (sample.py --network reads them);
+--resume takes an edm_fast training state or run directory (continuing it in place, bit-exactly) or an NVlabs
+training-state-*.pt; --transfer takes an NVlabs pickle or an edm_fast snapshot.
+"""
+
+import json
+import os
+import re
+
+import click
+import torch
+
+from edm_fast import distributed, presets, training_state, util
+from edm_fast.training_loop import training_loop
+
+
+def parse_int_list(ctx, param, value):
+    """'1,2,2,2' or '1-3,4' -> list of ints (None stays None)."""
+    if value is None or isinstance(value, list):
+        return value
+    out = []
+    for part in str(value).split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m:
+            raise click.BadParameter(f'{value!r}: expected comma-separated integers or ranges a-b')
+        out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m.group(2) else [int(m.group(1))])
+    return out
+
+
+@click.command(context_settings=dict(show_default=True))
+# Main options.
+@click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
+@click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False)
+@click.option('--arch', help='Network architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp')
+@click.option('--precond', help='Preconditioning & loss function', type=click.Choice(['vp', 've', 'edm']), default='edm')
+# Hyperparameters.
+@click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200)
+@click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512)
+@click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=int)
+@click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', callback=parse_int_list)
+@click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10e-4)
+@click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5)
+@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.13)
+@click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.12)
+@click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False)
+# Performance-related (NVlabs).
+@click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False)
+@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1)
+@click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
+@click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
+@click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1)
+# I/O-related.
+@click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
+@click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
+@click.option('--tick', help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50)
+@click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50)
+@click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500)
+@click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=int)
+@click.option('--transfer', help='Transfer learning from network pickle or snapshot', metavar='PKL', type=str)
+@click.option('--resume', help='Resume from a training state or a run directory', metavar='PT|DIR', type=str)
+@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+# edm_fast performance options.
+@click.option('--bf16', help='Run the network in bfloat16 (parameters stay fp32)', metavar='BOOL', type=bool, default=False)
+@click.option('--channels-last', 'channels_last', help='Channels-last memory format', metavar='BOOL', type=bool, default=False)
+@click.option('--compile', 'compile_net', help='torch.compile the network', metavar='BOOL', type=bool, default=False)
+@click.option('--backend', help='edm_fast op backends, as EDM_FAST_BACKEND (e.g. cuda or group_norm=triton)', metavar='STR')
+@click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu')
+@click.option('--lr-rampup', 'lr_rampup', help='Learning-rate ramp-up (NVlabs fixes it at 10000)', metavar='KIMG',
+              type=click.FloatRange(min=0), default=10000)
+def main(**opts):
+    """Train diffusion-based generative model using the techniques described in the paper
+    "Elucidating the Design Space of Diffusion-Based Generative Models"."""
+    run(dict(opts))
+
+
+def build_config(opts, world):
+    """Assemble the training_loop kwargs (spec §5.2) from parsed options; opens the dataset once."""
+    from edm_fast.dataset import ImageFolderDataset
+    if opts['transfer'] is not None and opts['resume'] is not None:
+        raise click.UsageError('--transfer and --resume cannot be specified at the same time')
+    if opts['bf16'] and opts['fp16']:
+        raise click.UsageError('--fp16 and --bf16 are mutually exclusive')
+    c = {}
+    c['dataset_kwargs'] = dict(class_name='edm_fast.dataset.ImageFolderDataset', path=opts['data'], use_labels=opts['cond'],
+                               xflip=opts['xflip'], cache=opts['cache'])
+    c['data_loader_kwargs'] = dict(pin_memory=True, num_workers=opts['workers'], prefetch_factor=2)
+    net = presets.network_kwargs(opts['arch'], opts['precond'], cbase=opts['cbase'], cres=opts['cres'],
+                                 dropout=opts['dropout'], augment=opts['augment'], fp16=opts['fp16'])
+    net['class_name'] = 'edm_fast.networks.' + net['class_name']
+    c['network_kwargs'] = net
+    c['loss_kwargs'] = dict(class_name='edm_fast.loss.' + presets.PRECONDS[opts['precond']][1])
+    c['optimizer_kwargs'] = dict(class_name='torch.optim.Adam', lr=opts['lr'], betas=[0.9, 0.999], eps=1e-8)
+    if opts['augment']:
+        c['augment_kwargs'] = dict(class_name='edm_fast.augment.AugmentPipe', p=opts['augment'], xflip=1e8, yflip=1,
+                                   scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+
+    try:
+        dataset_obj = ImageFolderDataset(**{k: v for k, v in c['dataset_kwargs'].items() if k != 'class_name'})
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="'--data'")
+    c['dataset_kwargs']['resolution'] = dataset_obj.resolution
+    c['dataset_kwargs']['max_size'] = len(dataset_obj)
+    if opts['cond'] and not dataset_obj.has_labels:
+        raise click.BadParameter('--cond=True requires labels specified in dataset.json', param_hint="'--cond'")
+    dataset_name = dataset_obj.name
+    del dataset_obj
+
+    c['total_kimg'] = max(int(opts['duration'] * 1000), 1)
+    c['ema_halflife_kimg'] = int(opts['ema'] * 1000)
+    c.update(batch_size=opts['batch'], batch_gpu=opts['batch_gpu'], loss_scaling=opts['ls'], cudnn_benchmark=opts['bench'])
+    c.update(kimg_per_tick=opts['tick'], snapshot_ticks=opts['snap'], state_dump_ticks=opts['dump'])
+    if opts['lr_rampup'] != 10000:
+        c['lr_rampup_kimg'] = opts['lr_rampup']
+    perf = dict(precision='bf16' if opts['bf16'] else None, channels_last=opts['channels_last'],
+                compile=opts['compile_net'], backend=opts['backend'])
+    return c, perf, dataset_name
+
+
+def run(opts):
+    device_type = opts['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
+    rank, world, device = distributed.init_from_env(device_type)
+    c, perf, dataset_name = build_config(opts, world)
+
+    # Seed: given, taken from the state being resumed, or random (drawn on rank 0 and broadcast).
+    continue_dir = None
+    if opts['resume'] is not None:
+        resume = opts['resume']
+        if os.path.isdir(resume):
+            found = training_state.latest_state(resume)
+            if found is None:
+                raise click.BadParameter(f'no training-state-*.pt in {resume!r}', param_hint="'--resume'")
+            resume = found
+        try:
+            kind, state = training_state.probe(resume)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(str(e), param_hint="'--resume'")
+        if kind == 'edm_fast':
+            if opts['seed'] is not None and opts['seed'] != state['seed']:
+                raise click.BadParameter(f'the run being resumed used --seed={state["seed"]}', param_hint="'--seed'")
+            opts['seed'] = state['seed']
+            continue_dir = os.path.dirname(os.path.abspath(resume))
+            c['resume_state_dump'] = resume
+        else:
+            m = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(resume))
+            if not m:
+                raise click.BadParameter('an NVlabs state must be named training-state-<kimg>.pt', param_hint="'--resume'")
+            c['resume_pkl'] = os.path.join(os.path.dirname(resume), f'network-snapshot-{m.group(1)}.pkl')
+            c['resume_kimg'] = int(m.group(1))
+            c['resume_state_dump'] = resume
+        del state
+    elif opts['transfer'] is not None:
+        c['resume_pkl'] = opts['transfer']
+        c['ema_rampup_ratio'] = None
+    if opts['seed'] is None:
+        seed = torch.randint(1 << 31, size=[], device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.broadcast(seed, src=0)
+        opts['seed'] = int(seed)
+    c['seed'] = int(opts['seed'])
+
+    # Run directory.
+    cond_str = 'cond' if c['dataset_kwargs']['use_labels'] else 'uncond'
+    dtype_str = 'fp16' if c['network_kwargs']['use_fp16'] else 'bf16' if perf['precision'] == 'bf16' else 'fp32'
+    desc = f'{dataset_name}-{cond_str}-{opts["arch"]}-{opts["precond"]}-gpus{world}-batch{c["batch_size"]}-{dtype_str}'
+    if opts['desc'] is not None:
+        desc += f'-{opts["desc"]}'
+    if continue_dir is not None:
+        c['run_dir'] = continue_dir
+    elif opts['nosubdir']:
+        c['run_dir'] = opts['outdir']
+    else:
+        prev = [x for x in os.listdir(opts['outdir'])] if os.path.isdir(opts['outdir']) else []
+        ids = [int(m.group()) for m in (re.match(r'^\d+', x) for x in prev) if m is not None]
+        c['run_dir'] = os.path.join(opts['outdir'], f'{max(ids, default=-1) + 1:05d}-{desc}')
+        if os.path.exists(c['run_dir']):
+            raise click.ClickException(f'run directory {c["run_dir"]} already exists')
+
+    if rank == 0:
+        print()
+        print('Training options:')
+        print(json.dumps(dict(c, **{'edm_fast_performance': perf}), indent=2))
+        print()
+        print(f'Output directory:        {c["run_dir"]}' + ('  (continuing in place)' if continue_dir else ''))
+        print(f'Dataset path:            {c["dataset_kwargs"]["path"]}')
+        print(f'Class-conditional:       {c["dataset_kwargs"]["use_labels"]}')
+        print(f'Network architecture:    {opts["arch"]}')
+        print(f'Preconditioning & loss:  {opts["precond"]}')
+        print(f'Number of processes:     {world} ({device.type})')
+        print(f'Batch size:              {c["batch_size"]}')
+        print(f'Mixed-precision:         {dtype_str}')
+        print()
+    if opts['dry_run']:
+        if rank == 0:
+            print('Dry run; exiting.')
+        distributed.shutdown()
+        return 0
+
+    logger = None
+    if rank == 0:
+        print('Creating output directory...')
+        os.makedirs(c['run_dir'], exist_ok=True)
+        if continue_dir is None:
+            with open(os.path.join(c['run_dir'], 'training_options.json'), 'wt') as f:
+                json.dump(dict(c, edm_fast_performance=perf), f, indent=2)
+        logger = util.Logger(os.path.join(c['run_dir'], 'log.txt'), file_mode='a')
+    try:
+        training_loop(**c, **perf, device=device)
+    finally:
+        if logger is not None:
+            logger.close()
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    main()

@@ -11,6 +11,8 @@ import math
 import numpy as np
 import torch
 
+from . import ops
+
 
 def _check_steps(num_steps):
     if int(num_steps) != num_steps or num_steps < 2:
@@ -58,16 +60,14 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
         t_hat = net.round_sigma(t_cur * (1 + gamma))
         x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
 
-        # Euler step.
-        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
+        # Euler step (ops.heun_*: the fp64 update, fused into one pass on GPUs, bit-identical to the formulas).
+        denoised = net(x_hat, t_hat, class_labels)
+        x_next = ops.heun_euler(x_hat, denoised, t_hat, t_next)
 
         # Second-order correction, except on the last step (t_next = 0).
         if i < num_steps - 1:
-            denoised = net(x_next, t_next, class_labels).to(torch.float64)
-            d_prime = (x_next - denoised) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+            denoised_next = net(x_next, t_next, class_labels)
+            x_next = ops.heun_correct(x_hat, x_next, denoised, denoised_next, t_hat, t_next)
     return x_next
 
 # ----------------------------------------------------------------------------------------------------

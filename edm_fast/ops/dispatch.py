@@ -17,7 +17,6 @@ can prove which implementation actually ran: see `record_backends()`.
 
 import collections
 import contextlib
-import functools
 import os
 
 import torch
@@ -56,8 +55,13 @@ def implementations(op):
     return tuple(b for b in BACKENDS if b in _registry[op])
 
 
-@functools.lru_cache(maxsize=32)
+_parsed_env = {}
+
+
 def _parse_env(value):
+    # A plain dict cache (not functools.lru_cache, which torch.compile warns about and traces through).
+    if value in _parsed_env:
+        return _parsed_env[value]
     default, per_op = 'auto', {}
     for item in filter(None, (s.strip() for s in value.split(','))):
         name, sep, backend = item.partition('=')
@@ -69,6 +73,7 @@ def _parse_env(value):
             per_op[name.strip()] = target
         else:
             default = target
+    _parsed_env[value] = (default, per_op)
     return default, per_op
 
 

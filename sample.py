@@ -67,7 +67,13 @@ def check_outdir(outdir):
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu')
 @click.option('--grid', 'grid_path', help='Also write all images as one grid PNG', metavar='PNG')
 @click.option('--npz', 'npz_path', help='Also write all images to one uint8 .npz (arr_0 [N,H,W,C], seeds, labels)', metavar='NPZ')
-def main(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid_path, npz_path, **sampler_kwargs):
+@click.option('--fast/--no-fast', help='Fast path: channels-last, reduced precision, compiled, CUDA graphs  [default: on for cuda]',
+              default=None)
+@click.option('--dtype', help='Compute dtype of the fast path', type=click.Choice(['fp16', 'bf16', 'fp32']), default='fp16')
+@click.option('--compile/--no-compile', 'compile_net', help='torch.compile the network (fast path)', default=True)
+@click.option('--graphs/--no-graphs', help='Capture CUDA graphs per batch shape (fast path)', default=True)
+def main(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid_path, npz_path, fast, dtype,
+         compile_net, graphs, **sampler_kwargs):
     """Generate images from an EDM network with the EDM sampler (or the ablation sampler when --solver,
     --disc, --schedule or --scaling is given), one PNG per seed named as NVlabs names them."""
     rank, world, device = distributed.init_from_env(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -81,11 +87,16 @@ def main(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, device
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--class'")
 
+    denoiser = None
+    if fast if fast is not None else device.type == 'cuda':
+        from edm_fast.fast import FastDenoiser
+        denoiser = FastDenoiser(net, dtype=dtype, compile=compile_net, cuda_graphs=graphs)
+
     keep = grid_path is not None or npz_path is not None
     kept = []
     start = time.perf_counter()
     for batch in generate.generate_images(net, seeds, max_batch_size=max_batch_size, class_idx=class_idx, device=device,
-                                          progress=True, **sampler_kwargs):
+                                          denoiser=denoiser, progress=True, **sampler_kwargs):
         images = batch.images.permute(0, 2, 3, 1).cpu().numpy()
         for seed, image in zip(batch.seeds, images):
             image_io.save_png(image, image_io.image_path(outdir, seed, subdirs))
@@ -109,7 +120,9 @@ def main(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, device
                 image_io.save_npz(npz_path, images, seeds, labels)
         nfe = sampling.nfe_per_image(**{k: v for k, v in sampler_kwargs.items() if k in ('num_steps', 'solver')})
         print(f'Generated {len(seeds)} images in {seconds:.2f} s: {len(seeds) / seconds:.2f} images/s, '
-              f'{nfe} NFE per image, {world} process(es) on {device.type}; PNGs in {outdir}'
+              f'{nfe} NFE per image, {world} process(es) on {device.type}'
+              f'{f" (fast path: {dtype}" + (", compiled" if compile_net else "") + (", CUDA graphs" if graphs and device.type == "cuda" else "") + ")" if denoiser else ""}'
+              f'; PNGs in {outdir}'
               + (f', grid {grid_path}' if grid_path else '') + (f', npz {npz_path}' if npz_path else ''))
     distributed.shutdown()
 

@@ -62,6 +62,18 @@ class Denoiser:
         return self.fn(x, sigma, class_labels)
 
 
+def randn_like(rnd, fn, kwargs):
+    """The churn-noise source: per-seed draws, or zeros when edm_sampler runs with S_churn = 0.
+
+    With S_churn = 0 every draw is multiplied by 0 and nothing draws from the generators afterwards, so
+    skipping the B per-seed launches per step leaves every image bit-identical (NVlabs draws them anyway).
+    The ablation sampler always draws: its t_hat can differ from t_cur by rounding, so the noise matters.
+    """
+    if fn is sampling.edm_sampler and kwargs.get('S_churn', 0) == 0:
+        return torch.zeros_like
+    return rnd.randn_like
+
+
 def check_class(net, class_idx):
     if class_idx is None:
         return
@@ -107,7 +119,7 @@ def generate_images(net, seeds, *, max_batch_size=64, class_idx=None, device=Non
                 if class_idx is not None:
                     labels = torch.full_like(labels, class_idx)
                 class_labels = torch.eye(net.label_dim, device=device)[labels]
-            x = fn(model, latents, class_labels, randn_like=rnd.randn_like, **kwargs)
+            x = fn(model, latents, class_labels, randn_like=randn_like(rnd, fn, kwargs), **kwargs)
             yield Batch(to_uint8(x), labels, batch_seeds)
             if bar is not None:
                 bar.update(n)

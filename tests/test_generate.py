@@ -136,3 +136,19 @@ def test_two_ranks_match_one(snapshot, tmp_path):
         assert np.array_equal(a[name], b[name]), name
     grid = np.asarray(PIL.Image.open(tmp_path / 'g.png'))
     assert grid.shape == (3 * 8, 3 * 8, 3) and np.array_equal(grid[8:16, 0:8], a['000003.png'])
+
+
+def test_zero_churn_skips_draws_without_changing_images():
+    """With S_churn = 0, generate_images feeds zeros instead of per-seed draws; images stay bit-identical."""
+    from edm_fast import sampling
+    net = tiny_net()
+    seeds = [11, 12, 13]
+    got = next(generate.generate_images(net, seeds, num_steps=4)).images
+    rnd = sampling.StackedRandomGenerator('cpu', seeds)
+    latents = rnd.randn([3, 3, 8, 8])
+    labels = torch.eye(4)[rnd.randint(4, size=[3])]
+    want = generate.to_uint8(sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=4))
+    assert torch.equal(got, want)
+    assert generate.randn_like(rnd, sampling.edm_sampler, {'S_churn': 0}) is torch.zeros_like
+    assert generate.randn_like(rnd, sampling.edm_sampler, {'S_churn': 5}) == rnd.randn_like
+    assert generate.randn_like(rnd, sampling.ablation_sampler, {}) == rnd.randn_like

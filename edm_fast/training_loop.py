@@ -260,11 +260,15 @@ def training_loop(
     loss_fn = construct(loss_kwargs)
     optimizer = construct(optimizer_kwargs, params=net.parameters())
     augment_pipe = construct(augment_kwargs) if augment_kwargs is not None else None
-    ddp = net
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    train_fn = torch.compile(ddp) if compile else ddp
+    # Compile the network itself (one graph, fullgraph), then let DDP wrap it; EMA and snapshots use `net`.
+    from .fast import compile_network
+    train_module = compile_network(net) if compile else net
+    ddp = train_module
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(train_module,
+                                                        device_ids=[device] if device.type == 'cuda' else None)
+    train_fn = ddp
 
     # Resume.
     cur_tick, tick_start_nimg, elapsed_before = 0, cur_nimg, 0.0

@@ -1,4 +1,4 @@
-"""Test configuration: thread limits, the Triton interpreter on CPU, slow/gpu markers."""
+"""Test configuration for tests/ and bench/: thread limits, the Triton interpreter on CPU, slow/gpu markers."""
 
 import os
 

@@ -1,0 +1,135 @@
+"""Network throughput: forward (sampling) and forward+backward (training) of the preset networks.
+
+  python -m bench.bench_model [--models ddpmpp-cifar10,adm-imagenet64] [--batches 64,512] [--quick] [--out DIR]
+
+For each model, batch and provider (bench/models.py): images/s, achieved TFLOP/s (model FLOPs counted by
+torch's FlopCounterMode), model-FLOP utilisation against the measured 790 TFLOP/s bf16 ceiling, peak memory,
+and the speed-up over the NVlabs-style reference measured in the same run. A failing provider is recorded
+and the others continue. Optional --profile adds a per-op-type time breakdown of the fast path.
+"""
+
+import argparse
+import gc
+import traceback
+
+import torch
+
+from bench import harness, models
+from edm_fast import loss as loss_module
+
+
+def run_case(model, net, provider, batch, mode, flops, warmup, repeats):
+    module, fn, backend = models.configure(net, provider)
+    with models.backend_env(backend):
+        x, sigma, labels = models.inputs(module, batch, channels_last=provider.startswith('fast'))
+        if mode == 'forward':
+            module.eval().requires_grad_(False)
+
+            def step():
+                with torch.no_grad():
+                    fn(x, sigma, labels)
+        else:
+            module.train().requires_grad_(True)
+            loss_fn = loss_module.EDMLoss()
+            images = x.clamp(-1, 1)
+
+            def step():
+                loss_fn(fn, images, labels).sum().backward()
+        torch.cuda.reset_peak_memory_stats()
+        t = harness.time_fn(step, warmup=warmup, repeats=repeats)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    ips = batch / (t['median_ms'] / 1e3)
+    tflops = flops * ips / 1e12
+    case = f'{model}/{mode}/b{batch}'
+    common = dict(model=model, mode=mode, batch=batch, p20_ms=t['p20_ms'], p80_ms=t['p80_ms'])
+    return [harness.record('model', case, provider, 'images_per_s', ips, 'img/s', **common),
+            harness.record('model', case, provider, 'ms', t['median_ms'], 'ms', **common),
+            harness.record('model', case, provider, 'tflops', tflops, 'TFLOP/s', **common),
+            harness.record('model', case, provider, 'mfu', tflops / harness.H100_BF16_TFLOPS, 'fraction', **common),
+            harness.record('model', case, provider, 'peak_mem', peak, 'GiB', **common)]
+
+
+def profile_fast(model, net, batch, mode='forward', provider='fast-bf16'):
+    """Time per op category of one fast-path step (CUDA kernel time from torch.profiler)."""
+    module, fn, backend = models.configure(net, provider)
+    with models.backend_env(backend):
+        x, sigma, labels = models.inputs(module, batch, channels_last=True)
+        module.eval().requires_grad_(False)
+        for _ in range(3):
+            with torch.no_grad():
+                fn(x, sigma, labels)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.no_grad():
+                fn(x, sigma, labels)
+            torch.cuda.synchronize()
+    buckets = {}
+    for evt in prof.key_averages():
+        name = evt.key.lower()
+        cat = ('gemm/conv' if any(k in name for k in ('gemm', 'conv', 'cutlass', 'sm90', 'xmma', 'cudnn', 'wgrad', 'dgrad'))
+               else 'group_norm' if 'group_norm' in name or 'groupnorm' in name
+               else 'attention' if any(k in name for k in ('attention', 'flash', 'fmha', 'softmax'))
+               else 'resample' if 'resample' in name
+               else 'elementwise/fused (triton)' if 'triton' in name
+               else 'other')
+        buckets[cat] = buckets.get(cat, 0.0) + getattr(evt, 'device_time_total', getattr(evt, 'cuda_time_total', 0)) / 1e3
+    total = sum(buckets.values()) or 1.0
+    case = f'{model}/{mode}/b{batch}'
+    return [harness.record('model_profile', case, provider, f'time_{cat}', ms, 'ms', fraction=ms / total)
+            for cat, ms in sorted(buckets.items(), key=lambda kv: -kv[1])]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--models', default='ddpmpp-cifar10,ncsnpp-cifar10,ddpmpp-64,adm-imagenet64')
+    p.add_argument('--batches', default=None, help='comma list (default: per model)')
+    p.add_argument('--modes', default='forward,train')
+    p.add_argument('--providers', default=','.join(models.PROVIDERS))
+    p.add_argument('--quick', action='store_true', help='fewer repeats, one batch size per model')
+    p.add_argument('--profile', action='store_true')
+    p.add_argument('--out', default=None)
+    args = p.parse_args(argv)
+    warmup, repeats = (3, 10) if args.quick else (5, 30)
+    default_batches = {'ddpmpp-cifar10': [512, 128], 'ncsnpp-cifar10': [512], 'ddpmpp-64': [256], 'adm-imagenet64': [64, 256]}
+    records = []
+    for model in args.models.split(','):
+        net = models.build(model)
+        flops = {m: models.count_flops(net, train=(m == 'train')) for m in args.modes.split(',')}
+        for m, f in flops.items():
+            records.append(harness.record('model', f'{model}/{m}', 'count', 'gflops_per_image', f / 1e9, 'GFLOP'))
+        batches = [int(b) for b in args.batches.split(',')] if args.batches else default_batches[model]
+        if args.quick:
+            batches = batches[:1]
+        for mode in args.modes.split(','):
+            for batch in batches:
+                for provider in args.providers.split(','):
+                    if provider == 'reference-fp16' and model != 'adm-imagenet64':
+                        continue  # NVlabs trains only ADM in fp16
+                    try:
+                        records += run_case(model, net, provider, batch, mode, flops[mode], warmup, repeats)
+                    except Exception as e:  # record and go on: one provider must not sink the run
+                        traceback.print_exc()
+                        records.append(harness.record('model', f'{model}/{mode}/b{batch}', provider, 'error', None, '',
+                                                      error=f'{type(e).__name__}: {e}'[:500]))
+                    gc.collect()
+                    torch.cuda.empty_cache()
+        if args.profile:
+            try:
+                records += profile_fast(model, net, default_batches[model][0])
+            except Exception as e:
+                records.append(harness.record('model_profile', model, 'fast-bf16', 'error', None, '', error=str(e)[:500]))
+        del net
+    # Speed-ups over the NVlabs-style reference of the same case, measured in this run.
+    base = {r['case']: r['value'] for r in records if r['provider'] == 'reference' and r['metric'] == 'images_per_s'}
+    if any(r['provider'] == 'reference-fp16' for r in records):
+        base.update({r['case']: r['value'] for r in records
+                     if r['provider'] == 'reference-fp16' and r['metric'] == 'images_per_s' and 'adm' in r['case']})
+    records += [harness.record('model', r['case'], r['provider'], 'speedup_vs_reference', r['value'] / base[r['case']], 'x')
+                for r in list(records) if r['metric'] == 'images_per_s' and r['case'] in base and r['value']]
+    path = harness.write_results(records, 'model', args.out)
+    harness.print_table([r for r in records if r['metric'] in ('images_per_s', 'mfu', 'speedup_vs_reference', 'error')])
+    print(f'results: {path}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,103 @@
+"""Shared pieces of the model-level benchmarks: the benchmarked networks and the providers that run them.
+
+Providers (each is what one column of the report means):
+  reference           NVlabs as it runs: fp32, NCHW, eager, TF32 off, reference ops
+  reference-fp16      NVlabs fp16 mode (use_fp16: U-Net body in fp16, NCHW, eager) - how ADM is trained
+  reference-compiled  the reference under torch.compile (fp32, NCHW)
+  fast-fp16 / fast-bf16  edm_fast: channels-last, reduced precision, fused ops (auto backends), torch.compile
+"""
+
+import contextlib
+import copy
+import os
+
+import torch
+
+from edm_fast import presets
+
+MODELS = {
+    'ddpmpp-cifar10': 'edm-cifar10-32x32-cond-vp',
+    'ncsnpp-cifar10': 'edm-cifar10-32x32-cond-ve',
+    'ddpmpp-64': 'edm-ffhq-64x64-uncond-vp',
+    'adm-imagenet64': 'edm-imagenet-64x64-cond-adm',
+}
+# Paper NFE of each preset's sampler settings (spec §4.5) and its sampler kwargs.
+SAMPLING = {
+    'ddpmpp-cifar10': dict(num_steps=18),
+    'ncsnpp-cifar10': dict(num_steps=18),
+    'ddpmpp-64': dict(num_steps=40),
+    'adm-imagenet64': dict(num_steps=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003),
+}
+PROVIDERS = ('reference', 'reference-fp16', 'reference-compiled', 'fast-fp16', 'fast-bf16')
+
+
+def build(model, device='cuda', seed=0):
+    """The preset network with random weights (official init zeroes some paths; those get small noise)."""
+    torch.manual_seed(seed)
+    net = presets.build(presets.official_config(MODELS[model])).to(device)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().max() < 1e-4:
+                p.normal_(0, 0.02)
+    return net
+
+
+@contextlib.contextmanager
+def backend_env(value):
+    old = os.environ.get('EDM_FAST_BACKEND')
+    if value is None:
+        os.environ.pop('EDM_FAST_BACKEND', None)
+    else:
+        os.environ['EDM_FAST_BACKEND'] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop('EDM_FAST_BACKEND', None)
+        else:
+            os.environ['EDM_FAST_BACKEND'] = old
+
+
+def configure(net, provider):
+    """A copy of `net` set up as `provider` runs it; returns (module, callable, backend env value)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    net = copy.deepcopy(net)
+    if provider == 'reference':
+        return net, net, 'reference'
+    if provider == 'reference-fp16':
+        net.set_compute_dtype(torch.float16)
+        return net, net, 'reference'
+    if provider == 'reference-compiled':
+        return net, torch.compile(net), 'reference'
+    if provider in ('fast-fp16', 'fast-bf16'):
+        net.set_compute_dtype(torch.float16 if provider == 'fast-fp16' else torch.bfloat16)
+        net.to(memory_format=torch.channels_last)
+        return net, torch.compile(net, fullgraph=True, dynamic=False), None
+    raise ValueError(f'unknown provider {provider!r}; expected one of {PROVIDERS}')
+
+
+def inputs(net, batch, device='cuda', channels_last=False, seed=1):
+    g = torch.Generator(device).manual_seed(seed)
+    x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    sigma = (torch.randn([batch], device=device, generator=g) * 1.2 - 1.2).exp()
+    labels = torch.eye(net.label_dim, device=device)[torch.arange(batch, device=device) % net.label_dim] \
+        if net.label_dim else None
+    return x, sigma, labels
+
+
+def count_flops(net, device='cuda', train=False):
+    """Model FLOPs per image (forward, or forward+backward), counted by torch's FlopCounterMode at batch 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net = copy.deepcopy(net).train(train)
+    x, sigma, labels = inputs(net, 2, device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if train:
+            net(x, sigma, labels).square().sum().backward()
+        else:
+            with torch.no_grad():
+                net(x, sigma, labels)
+    return counter.get_total_flops() / 2

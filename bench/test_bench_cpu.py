@@ -1,0 +1,71 @@
+"""pytest-benchmark regression tracking of the hot paths at CPU size (CI runs these in seconds):
+
+  python -m pytest bench/ --benchmark-only                 # CPU-sized cases
+  python -m pytest bench/ --benchmark-only --runslow       # plus full-size cases (on a GPU: gpu-marked)
+
+The ops and networks are checked against the reference in tests/; here they are only timed.
+"""
+
+import pytest
+import torch
+
+from edm_fast import ops, presets, sampling
+
+
+@pytest.fixture(scope='module')
+def tiny_net():
+    torch.manual_seed(0)
+    cfg = presets.official_config('edm-cifar10-32x32-cond-vp')
+    cfg.update(model_channels=32, channel_mult=[1, 2], img_resolution=16)
+    return presets.build(cfg).eval().requires_grad_(False)
+
+
+def test_group_norm_silu(benchmark):
+    x = torch.randn(8, 128, 16, 16)
+    w, b = torch.ones(128), torch.zeros(128)
+    y = benchmark.pedantic(ops.group_norm, args=(x, w, b, 32, 1e-6), kwargs=dict(act='silu'), rounds=10, iterations=5)
+    assert y.shape == x.shape
+
+
+def test_resample_down(benchmark):
+    x = torch.randn(8, 128, 32, 32)
+    f = torch.full([1, 1, 2, 2], 0.25)
+    y = benchmark.pedantic(ops.resample, args=(x, f), kwargs=dict(down=2), rounds=10, iterations=5)
+    assert y.shape == (8, 128, 16, 16)
+
+
+def test_attention(benchmark):
+    qkv = torch.randn(4, 3 * 128, 16, 16)
+    y = benchmark.pedantic(ops.attention, args=(qkv, 2), rounds=10, iterations=3)
+    assert y.shape == (4, 128, 16, 16)
+
+
+def test_network_forward(benchmark, tiny_net):
+    x, s, labels = torch.randn(8, 3, 16, 16), torch.ones(8), torch.eye(10)[:8]
+    with torch.no_grad():
+        y = benchmark.pedantic(tiny_net, args=(x, s, labels), rounds=5, iterations=1)
+    assert y.shape == x.shape
+
+
+def test_sampler_18_steps(benchmark, tiny_net):
+    latents = torch.randn(4, 3, 16, 16)
+    x = benchmark.pedantic(sampling.edm_sampler, args=(tiny_net, latents, torch.eye(10)[:4]),
+                           kwargs=dict(num_steps=18), rounds=2, iterations=1)
+    assert x.dtype == torch.float64 and torch.isfinite(x).all()
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.parametrize('provider', ['reference', 'fast-bf16'])
+def test_full_size_ddpmpp_forward_gpu(benchmark, provider):
+    from bench import models
+    net = models.build('ddpmpp-cifar10').eval().requires_grad_(False)
+    module, fn, backend = models.configure(net, provider)
+    x, s, labels = models.inputs(module, 512, channels_last=provider.startswith('fast'))
+    with models.backend_env(backend), torch.no_grad():
+        fn(x, s, labels)
+
+        def step():
+            fn(x, s, labels)
+            torch.cuda.synchronize()
+        benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)

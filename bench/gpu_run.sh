@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One script for a lent GPU machine: install, build the CUDA extension, run the GPU tests and the benchmarks,
+# and leave everything under $OUT (at most a few files: logs, a results tarball, the demo snapshot).
+#
+#   bench/gpu_run.sh build tests bench-kernels bench-model bench-sample demo:SECONDS
+#
+# Stages run in the order given; each one logs to $OUT/run.log and a failing stage does not stop the next.
+# `demo:SECONDS` trains the built-in demo model in the background (from the start of the script) for that long.
+# Reference vectors and the demo dataset travel in the git-ignored .gpu_carry/ folder (name it in `carry`).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/edm_fast_out}
+mkdir -p "$OUT/results"
+LOG="$OUT/run.log"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export EDM_FAST_REFERENCE_DIR="$PWD/.gpu_carry/reference" EDM_FAST_RESULTS_DIR="$OUT/results"
+export EDM_FAST_COMMIT=${EDM_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+start=$(date +%s)
+say() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$LOG"; }
+
+demo_pid=""
+for stage in "$@"; do
+  case "$stage" in
+    demo:*)
+      secs=${stage#demo:}
+      say "demo: training in the background for ${secs}s"
+      ( timeout --signal=TERM --kill-after=60 "$secs" python train.py --outdir="$OUT/demo" --nosubdir \
+          --data=.gpu_carry/digits-16x16.zip --cond=1 --arch=ddpmpp --cbase=32 --cres=1,2,2 --batch=256 \
+          --duration=20 --lr=1e-3 --lr-rampup=100 --ema=0.2 --augment=0 --dropout=0.13 --tick=100 --snap=1 \
+          --dump=5 --seed=0 --workers=2 --device=cuda > "$OUT/demo.log" 2>&1 ) &
+      demo_pid=$!
+      ;;
+  esac
+done
+
+for stage in "$@"; do
+  case "$stage" in
+    build)
+      say "build: python $(python -c 'import sys; print(sys.version.split()[0])'), torch $(python -c 'import torch; print(torch.__version__)')"
+      python -m pip install -e . --no-build-isolation --no-deps -v > "$OUT/build.log" 2>&1; say "build exit $?"
+      grep -E "edm_fast setup|error" "$OUT/build.log" | head -20 | tee -a "$LOG"
+      python -m edm_fast 2>&1 | tee -a "$LOG"
+      ;;
+    tests)
+      say "tests: GPU-marked tests"
+      python -m pytest -q -m gpu -p no:cacheprovider tests/ -rfE --tb=short > "$OUT/tests.log" 2>&1; say "tests exit $?"
+      tail -n 40 "$OUT/tests.log" | tee -a "$LOG"
+      ;;
+    tests-all)
+      say "tests-all: the whole suite on the GPU machine"
+      python -m pytest -q -p no:cacheprovider tests/ -rfE --tb=short -x > "$OUT/tests_all.log" 2>&1; say "tests-all exit $?"
+      tail -n 30 "$OUT/tests_all.log" | tee -a "$LOG"
+      ;;
+    bench-kernels)
+      say "bench-kernels"
+      python -m bench.run_all --only group_norm,resample,attention --quick --timeout 240 --out "$OUT/results" \
+        > "$OUT/bench_kernels.log" 2>&1; say "bench-kernels exit $?"
+      tail -n 60 "$OUT/bench_kernels.log" | tee -a "$LOG"
+      ;;
+    bench-model)
+      say "bench-model"
+      python -m bench.bench_model --quick --profile --out "$OUT/results" > "$OUT/bench_model.log" 2>&1
+      say "bench-model exit $?"; tail -n 60 "$OUT/bench_model.log" | tee -a "$LOG"
+      ;;
+    bench-sample)
+      say "bench-sample"
+      python -m bench.bench_sample --out "$OUT/results" > "$OUT/bench_sample.log" 2>&1
+      say "bench-sample exit $?"; tail -n 30 "$OUT/bench_sample.log" | tee -a "$LOG"
+      ;;
+    demo:*) ;;
+    *) say "unknown stage $stage" ;;
+  esac
+done
+
+if [ -n "$demo_pid" ]; then
+  say "waiting for the demo training"
+  wait "$demo_pid"
+  tail -n 5 "$OUT/demo.log" | tee -a "$LOG"
+  last=$(ls "$OUT"/demo/network-snapshot-*.safetensors 2>/dev/null | tail -n 1)
+  [ -n "$last" ] && cp "$last" "$OUT/demo-snapshot.safetensors" && say "demo snapshot: $last"
+  cp "$OUT/demo/stats.jsonl" "$OUT/demo-stats.jsonl" 2>/dev/null
+  rm -rf "$OUT/demo"
+fi
+python -m bench.chart --results "$OUT/results" > /dev/null 2>&1 && mv "$OUT/results/speedups.png" "$OUT/" 2>/dev/null
+tar -czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
+say "done"
+# At most 8 files come back: run.log, logs.tgz, results.tgz, speedups.png, demo-snapshot, demo-stats.
+(cd "$OUT" && tar -czf logs.tgz --remove-files $(ls *.log | grep -v '^run.log$') 2>/dev/null)

@@ -13,8 +13,13 @@ if 'TRITON_INTERPRET' not in os.environ:
     if not _has_gpu:
         os.environ['TRITON_INTERPRET'] = '1'
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Test helpers (refvec, nvlabs_pickle_writer, ...) live in tests/; make them importable from tests/ops and bench/.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests'))
 
 # Oversubscribing the 2-core CI machine is catastrophic: keep torch's threads within the cores.
 torch.set_num_threads(max(1, min(int(os.environ.get('OMP_NUM_THREADS', '2')), os.cpu_count() or 1)))

@@ -3,7 +3,10 @@
 Reads, without ever running code stored in the file:
 
 * official NVlabs network pickles (`edm-*.pkl`, `network-snapshot-*.pkl`), through the restricted
-  unpickler of `edm_fast.pickle_import` (spec §9.3);
+  unpickler of `edm_fast.pickle_import` (spec §9.3), EDM and EDM2 alike: an EDM2 pickle is an EasyDict with
+  `ema` (a `training.networks_edm2.Precond`, fp16 tensors, loaded into fp32 parameters), `loss_fn` (EDM2Loss),
+  `encoder` (StandardRGBEncoder / StabilityVAEEncoder, returned as `edm_fast.encoders` objects) and
+  `dataset_kwargs` (spec §9.2);
 * official NVlabs `training-state-*.pt` files (zip `torch.save`), through the same unpickler;
 * edm_fast snapshots: a safetensors-compatible file (8-byte little-endian header length N, N bytes of
   UTF-8 JSON describing every tensor, then the raw little-endian tensor bytes) whose `__metadata__`
@@ -12,7 +15,8 @@ Reads, without ever running code stored in the file:
 The file kind is recognised by content, not by extension. Networks are rebuilt as edm_fast classes from
 the recorded constructor kwargs and get their tensors through `load_state_dict(strict=True)`.
 
-Public API: `load_network`, `load_snapshot`, `load_training_state`, `save_snapshot`, `CheckpointError`.
+Public API: `load_network`, `load_snapshot`, `load_training_state`, `save_snapshot`, `read_snapshot_extra`,
+`CheckpointError`.
 """
 
 import inspect
@@ -31,15 +35,17 @@ from . import pickle_import
 from .pickle_import import CheckpointError
 from .util import to_jsonable
 
-__all__ = ['load_network', 'load_snapshot', 'load_training_state', 'save_snapshot', 'CheckpointError',
-           'CheckpointWarning', 'detect_format', 'FORMAT_NAME', 'FORMAT_VERSION']
+__all__ = ['load_network', 'load_snapshot', 'load_training_state', 'save_snapshot', 'read_snapshot_extra',
+           'CheckpointError', 'CheckpointWarning', 'detect_format', 'FORMAT_NAME', 'FORMAT_VERSION']
 
 FORMAT_NAME = 'edm_fast.snapshot'
 FORMAT_VERSION = 1
 _METADATA_KEY = 'edm_fast'
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
-PRECOND_CLASSES = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond')
+EDM_PRECOND_CLASSES = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond')
+EDM2_PRECOND_CLASSES = ('Precond',)  # NVlabs training.networks_edm2.Precond
+PRECOND_CLASSES = EDM_PRECOND_CLASSES + EDM2_PRECOND_CLASSES
 
 
 class CheckpointWarning(UserWarning):
@@ -86,11 +92,17 @@ def detect_format(path):
 
 
 def _network_class(class_name, src, what):
-    from . import networks
+    from . import networks, networks_edm2
     if class_name not in PRECOND_CLASSES:
         raise CheckpointError(f'cannot load {src}: {what} is a {class_name!r}, which edm_fast cannot rebuild '
                               f'(supported: {", ".join(PRECOND_CLASSES)})')
-    return getattr(networks, class_name)
+    return getattr(networks_edm2 if class_name in EDM2_PRECOND_CLASSES else networks, class_name)
+
+
+def _loss_types():
+    from .loss import LOSS_TYPES
+    from .loss_edm2 import LOSS_TYPES as EDM2_LOSS_TYPES
+    return {**LOSS_TYPES, **EDM2_LOSS_TYPES}
 
 
 def _construct(cls, kwargs, src, what):
@@ -214,12 +226,15 @@ def _network_from_record(record, src, what='ema'):
                               f'network object written by the official code')
     cls = _network_class(record.class_name, src, what)
     kwargs = pickle_import.init_kwargs(record, cls, src)
-    model = (record.state.get('_modules') or {}).get('model')
-    model_type = kwargs.get('model_type', _default_of(cls, 'model_type'))
+    edm2 = record.class_name in EDM2_PRECOND_CLASSES
+    child = 'unet' if edm2 else 'model'
+    model_type = 'UNet' if edm2 else kwargs.get('model_type', _default_of(cls, 'model_type'))
+    model = (record.state.get('_modules') or {}).get(child)
     model_class = getattr(model, 'class_name', type(model).__name__)
     if model_class != model_type:
-        raise CheckpointError(f'cannot load {src}: {what}.model is a {model_class}, but {record.class_name} was '
-                              f'built with model_type={model_type!r}; the file is inconsistent')
+        built = 'is always built with a UNet' if edm2 else f'was built with model_type={model_type!r}'
+        raise CheckpointError(f'cannot load {src}: {what}.{child} is a {model_class}, but {record.class_name} '
+                              f'{built}; the file is inconsistent')
     tensors = dict(pickle_import.iter_state_dict(record, source=src))
     net = _build_and_load(cls, kwargs, tensors, src, what)
     _cross_check_network(record, net, src, what)
@@ -227,7 +242,7 @@ def _network_from_record(record, src, what='ema'):
 
 
 def _loss_from_record(record, src):
-    from .loss import LOSS_TYPES
+    LOSS_TYPES = _loss_types()
     if record is None:
         return None
     if not isinstance(record, pickle_import.PersistentRecord):
@@ -242,6 +257,51 @@ def _loss_from_record(record, src):
     if errors:
         raise CheckpointError(f'cannot load {src}: loss_fn does not match its record: {"; ".join(errors)}')
     return loss
+
+
+def _encoder_from_record(record, src):
+    """The EDM2 encoder of a pickle as an edm_fast.encoders object (scale/bias taken from the record)."""
+    from . import encoders
+    if record is None:
+        return None
+    if not isinstance(record, pickle_import.PersistentRecord):
+        raise CheckpointError(f'cannot load {src}: encoder is a {type(record).__name__}, not a persistent object')
+    if record.class_name not in encoders.ENCODER_TYPES:
+        raise CheckpointError(f'cannot load {src}: encoder is a {record.class_name!r}, which edm_fast cannot '
+                              f'rebuild (supported: {", ".join(encoders.ENCODER_TYPES)})')
+    cls = encoders.ENCODER_TYPES[record.class_name]
+    kwargs = pickle_import.init_kwargs(record, cls, src)
+    try:
+        return encoders.encoder_from_record(record.class_name, kwargs, record.state)
+    except Exception as e:
+        raise CheckpointError(f'cannot load {src}: could not rebuild the encoder {record.class_name}(**{kwargs!r}): '
+                              f'{e}') from e
+
+
+def _encoder_to_spec(encoder):
+    if encoder is None:
+        return None
+    if not hasattr(encoder, 'init_kwargs'):
+        raise TypeError(f'encoder must be an edm_fast.encoders object (with init_kwargs), got {type(encoder).__name__}')
+    spec = {'class_name': type(encoder).__name__, 'init_kwargs': to_jsonable(encoder.init_kwargs)}
+    arrays = {k: to_jsonable(np.asarray(getattr(encoder, k))) for k in ('scale', 'bias') if hasattr(encoder, k)}
+    if arrays:
+        spec['arrays'] = arrays
+    return spec
+
+
+def _encoder_from_spec(spec, src):
+    from . import encoders
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.get('class_name') not in encoders.ENCODER_TYPES \
+            or not isinstance(spec.get('init_kwargs'), dict):
+        raise CheckpointError(f'cannot load {src}: unknown or malformed encoder {spec!r} (supported: '
+                              f'{", ".join(encoders.ENCODER_TYPES)})')
+    try:
+        return encoders.encoder_from_record(spec['class_name'], spec['init_kwargs'], spec.get('arrays'))
+    except Exception as e:
+        raise CheckpointError(f'cannot load {src}: could not rebuild the encoder {spec!r}: {e}') from e
 
 
 def _augment_from_spec(class_name, kwargs):
@@ -286,7 +346,7 @@ def _read_nvlabs_pickle(src):
     data = pickle_import.load_pickle(src)
     if not isinstance(data, dict):
         raise CheckpointError(f'cannot load {src}: the pickle holds a {type(data).__name__}, not the dict of an '
-                              f'EDM network pickle (keys ema, loss_fn, augment_pipe, dataset_kwargs)')
+                              f'EDM/EDM2 network pickle (keys ema, loss_fn, augment_pipe or encoder, dataset_kwargs)')
     if 'ema' not in data:
         hint = ' (this looks like a training state; use load_training_state)' if 'net' in data else ''
         raise CheckpointError(f'cannot load {src}: the pickle has no \'ema\' network (keys: '
@@ -334,15 +394,17 @@ def _module_spec(module, what):
     module = _unwrap(module)
     if not isinstance(module, torch.nn.Module) or type(module).__name__ not in PRECOND_CLASSES \
             or not hasattr(module, 'init_kwargs'):
-        raise TypeError(f'{what} must be an edm_fast preconditioned network ({", ".join(PRECOND_CLASSES)}), '
-                        f'got {type(module).__name__}')
+        raise TypeError(f'{what} must be an edm_fast preconditioned network ({", ".join(PRECOND_CLASSES)}; '
+                        f'Precond is EDM2), got {type(module).__name__}')
     return module, {'class_name': type(module).__name__, 'init_kwargs': to_jsonable(module.init_kwargs)}
 
 
-def save_snapshot(path, ema, loss_fn=None, augment_pipe=None, dataset_kwargs=None, extra=None, dtype=None):
+def save_snapshot(path, ema, loss_fn=None, augment_pipe=None, dataset_kwargs=None, extra=None, dtype=None,
+                  encoder=None):
     """Write an edm_fast snapshot (safetensors layout, no code) atomically.
 
-    `ema`: the network (an edm_fast preconditioner). `loss_fn`: an edm_fast loss or None. `augment_pipe`:
+    `ema`: the network (an edm_fast preconditioner, EDM or EDM2). `loss_fn`: an edm_fast loss or None.
+    `encoder`: an `edm_fast.encoders` object (EDM2) or None. `augment_pipe`:
     None, an object with `init_kwargs`, or {'class_name': ..., 'kwargs': {...}}. `dataset_kwargs` and
     `extra` (e.g. {'kimg': 200}): JSON-serialisable dicts. `dtype=torch.float16` (or bfloat16) stores the
     floating-point *parameters* in that dtype (buffers such as resample filters, Fourier frequencies and
@@ -371,6 +433,8 @@ def save_snapshot(path, ema, loss_fn=None, augment_pipe=None, dataset_kwargs=Non
     meta['dataset_kwargs'] = None if dataset_kwargs is None else to_jsonable(dict(dataset_kwargs))
     meta['extra'] = None if extra is None else to_jsonable(dict(extra))
     meta['param_dtype'] = None if dtype is None else _DTYPE_NAMES[dtype]
+    if encoder is not None:  # optional key: readers that predate it ignore it
+        meta['encoder'] = _encoder_to_spec(encoder)
 
     # Layout: largest element size first (keeps every tensor aligned), contiguous, no gaps (safetensors).
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())
@@ -494,6 +558,24 @@ def _read_safetensors(src):
     return tensors, metadata or {}
 
 
+def read_snapshot_extra(path):
+    """The `extra` dict of an edm_fast snapshot, reading only its header (None if absent or not edm_fast)."""
+    src = _source(path)
+    if detect_format(src) != 'edm_fast':
+        return None
+    with open(src, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')
+        if n > _MAX_HEADER_BYTES:
+            raise CheckpointError(f'cannot load {src}: invalid header length {n}; the file is corrupt')
+        try:
+            header = json.loads(f.read(n).decode('utf-8'))
+            meta = json.loads(header['__metadata__'][_METADATA_KEY])
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return None
+    extra = meta.get('extra') if isinstance(meta, dict) else None
+    return extra if isinstance(extra, dict) else None
+
+
 def _read_edm_fast(src):
     tensors, metadata = _read_safetensors(src)
     if _METADATA_KEY not in metadata:
@@ -527,7 +609,7 @@ def _network_from_edm_fast(tensors, meta, src, key='ema'):
 
 
 def _loss_from_edm_fast(spec, src):
-    from .loss import LOSS_TYPES
+    LOSS_TYPES = _loss_types()
     if spec is None:
         return None
     if not isinstance(spec, dict) or spec.get('class_name') not in LOSS_TYPES \
@@ -548,7 +630,8 @@ def _finish(net, device, train=False):
 def load_network(path, device='cpu'):
     """The preconditioned network (edm_fast module) of a checkpoint, in eval mode without gradients.
 
-    Accepts NVlabs network pickles (its 'ema'), NVlabs training states (its 'net') and edm_fast snapshots.
+    Accepts NVlabs EDM/EDM2 network pickles (its 'ema'; EDM2 fp16 tensors become fp32 parameters), NVlabs EDM
+    training states (its 'net') and edm_fast snapshots of EDM and EDM2 networks.
     """
     src = _source(path)
     kind = detect_format(src)
@@ -565,9 +648,10 @@ def load_network(path, device='cpu'):
 
 
 def load_snapshot(path):
-    """Everything a snapshot holds: dict(ema, loss_fn, augment_pipe, dataset_kwargs, extra, format).
+    """Everything a snapshot holds: dict(ema, loss_fn, augment_pipe, encoder, dataset_kwargs, extra, format).
 
-    `ema` is on the CPU in eval mode; `loss_fn` an edm_fast loss or None; `augment_pipe` for now
+    `ema` is on the CPU in eval mode; `loss_fn` an edm_fast loss or None; `encoder` an
+    `edm_fast.encoders` object for EDM2 snapshots, else None; `augment_pipe` for now
     {'class_name': 'AugmentPipe', 'kwargs': {...}} or None; `dataset_kwargs` a dict or None; `extra` what
     `save_snapshot` stored (None for NVlabs pickles); `format` 'nvlabs-pickle' or 'edm_fast'.
     """
@@ -583,6 +667,7 @@ def load_snapshot(path):
             loss_fn=_loss_from_edm_fast(meta.get('loss_fn'), src),
             augment_pipe=None if aug is None else _augment_from_spec(aug.get('class_name', 'AugmentPipe'),
                                                                      aug['kwargs']),
+            encoder=_encoder_from_spec(meta.get('encoder'), src),
             dataset_kwargs=_plain_dict(meta.get('dataset_kwargs'), src, 'dataset_kwargs'),
             extra=meta.get('extra'),
             format='edm_fast',
@@ -595,6 +680,7 @@ def load_snapshot(path):
         ema=_finish(_network_from_record(data['ema'], src, 'ema'), 'cpu'),
         loss_fn=_loss_from_record(data.get('loss_fn'), src),
         augment_pipe=_augment_from_record(data.get('augment_pipe'), src),
+        encoder=_encoder_from_record(data.get('encoder'), src),
         dataset_kwargs=_plain_dict(data.get('dataset_kwargs'), src, 'dataset_kwargs'),
         extra=None,
         format='nvlabs-pickle',

@@ -10,7 +10,9 @@ full source text of the defining module; the official loader `exec`s that text. 
   (class name, format version, instance state, sha256 of the module source). The source is never run.
 * `torch.nn.ModuleDict` becomes `ModuleDictStub`, which only stores its state.
 * Tensors and Parameters are rebuilt by torch's own rebuild functions; the nested legacy storage blobs
-  of plain pickles are read with `torch.load(..., weights_only=True)`.
+  of plain pickles are read with `torch.load(..., weights_only=True)` (fp32 for EDM, fp16 for EDM2 snapshots).
+* EDM2 pickles additionally hold `dnnlib.util.EasyDict` containers (a dict subclass here) and numpy
+  arrays (the VAE encoder's scale and bias), rebuilt by numpy's own `_reconstruct` / `_frombuffer`.
 
 `load_pickle(path)` reads a network pickle, `load_torch_file(path)` a `training-state-*.pt` (zip
 `torch.save`, pickle protocol 2). `iter_state_dict(record)` yields the tensors under the names `state_dict()`
@@ -118,6 +120,14 @@ def _numpy_attr(name):
     return getattr(multiarray, name)
 
 
+def _numpy_frombuffer(buf, dtype, shape, order):
+    """numpy's protocol-5 array rebuild: an array of plain (non-object) dtype copied from a byte buffer."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f'refusing a numpy array of object dtype {dtype}')
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order).copy()
+
+
 def _fresh(fn):
     """A throwaway wrapper, so a crafted BUILD on an allowed global cannot alter the real function."""
     def wrapper(*args, **kwargs):
@@ -145,6 +155,8 @@ def _allowed_globals():
     for mod in ('numpy.core.multiarray', 'numpy._core.multiarray'):
         allowed[(mod, 'scalar')] = _numpy_attr('scalar')
         allowed[(mod, '_reconstruct')] = _numpy_attr('_reconstruct')
+    for mod in ('numpy.core.numeric', 'numpy._core.numeric'):  # arrays in pickle protocol 5 (out-of-band buffers)
+        allowed[(mod, '_frombuffer')] = _fresh(_numpy_frombuffer)
     return allowed
 
 

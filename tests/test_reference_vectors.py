@@ -165,11 +165,11 @@ def check_loss(case):
 CHECKERS = {'layer': check_layer, 'attention_op': check_attention_op, 'precond': check_precond, 'loss': check_loss}
 
 # Kinds checked by the test module of the feature that implements them.
-CHECKED_ELSEWHERE = {'sampler': 'test_sampler_vectors.py', 'tsteps': 'test_sampler_vectors.py'}
+CHECKED_ELSEWHERE = {'sampler': 'test_sampler_vectors.py', 'tsteps': 'test_sampler_vectors.py',
+                     **{k: 'test_edm2_vectors.py' for k in ('edm2_block', 'edm2_loss', 'edm2_lr', 'edm2_mpconv',
+                                                            'edm2_phema', 'edm2_precond', 'edm2_prims', 'edm2_sampler')}}
 # Kinds whose feature has not landed yet, with the issue that brings it (reported as skips below).
-PENDING = {'edm2_block': 'issue 11 (EDM2)',
-           'edm2_loss': 'issue 11', 'edm2_lr': 'issue 11', 'edm2_mpconv': 'issue 11', 'edm2_phema': 'issue 11',
-           'edm2_precond': 'issue 11', 'edm2_prims': 'issue 11', 'edm2_sampler': 'issue 11'}
+PENDING = {}
 
 
 def _cases(kinds):

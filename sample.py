@@ -14,8 +14,8 @@ import click
 import numpy as np
 import torch
 
-from edm_fast import distributed, generate, image_io, sampling
-from edm_fast.checkpoint import CheckpointError, load_network
+from edm_fast import distributed, generate, image_io
+from edm_fast.checkpoint import CheckpointError, load_network, load_snapshot
 
 
 def parse_seeds(ctx, param, value):
@@ -51,7 +51,8 @@ def check_outdir(outdir):
 @click.option('--subdirs', help='Create subdirectory for every 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64)
-@click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=click.IntRange(min=2), default=18)
+@click.option('--steps', 'num_steps', help='Number of sampling steps  [default: 18 (EDM), 32 (EDM2)]', metavar='INT',
+              type=click.IntRange(min=2))
 @click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7)
@@ -64,6 +65,11 @@ def check_outdir(outdir):
               type=click.Choice(['vp', 've', 'iddpm', 'edm']))
 @click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none', type=click.Choice(['vp', 'none']))
+@click.option('--gnet', 'gnet_path', help='EDM2 guiding network: unconditional (CFG) or weaker (autoguidance)', metavar='PATH')
+@click.option('--guidance', help='EDM2 guidance strength (1 = off)  [default: 1]', metavar='FLOAT',
+              type=click.FloatRange(min=0))
+@click.option('--vae', 'vae_path', help='Local Stable Diffusion VAE (diffusers AutoencoderKL dir) for latent EDM2 nets',
+              metavar='DIR')
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu')
 @click.option('--grid', 'grid_path', help='Also write all images as one grid PNG', metavar='PNG')
 @click.option('--npz', 'npz_path', help='Also write all images to one uint8 .npz (arr_0 [N,H,W,C], seeds, labels)', metavar='NPZ')
@@ -73,30 +79,52 @@ def check_outdir(outdir):
 @click.option('--compile/--no-compile', 'compile_net', help='torch.compile the network (fast path)', default=True)
 @click.option('--graphs/--no-graphs', help='Capture CUDA graphs per batch shape (fast path)', default=True)
 def main(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid_path, npz_path, fast, dtype,
-         compile_net, graphs, **sampler_kwargs):
+         compile_net, graphs, gnet_path, guidance, vae_path, **sampler_kwargs):
     """Generate images from an EDM network with the EDM sampler (or the ablation sampler when --solver,
     --disc, --schedule or --scaling is given), one PNG per seed named as NVlabs names them."""
     rank, world, device = distributed.init_from_env(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     check_outdir(outdir)
     try:
-        net = load_network(network_path, device=device)
+        snapshot = load_snapshot(network_path)
     except (CheckpointError, OSError) as e:
         raise click.BadParameter(str(e), param_hint="'--network'")
+    net = snapshot['ema'].to(device)
+    encoder = snapshot.get('encoder')
+    if encoder is not None:
+        if vae_path is not None and hasattr(encoder, 'vae_name'):
+            encoder.vae_name = vae_path
+        try:
+            encoder.init(device)
+        except RuntimeError as e:
+            raise click.BadParameter(str(e), param_hint="'--vae'")
+    gnet = None
+    if gnet_path is not None:
+        try:
+            gnet = load_network(gnet_path, device=device)
+        except (CheckpointError, OSError) as e:
+            raise click.BadParameter(str(e), param_hint="'--gnet'")
     try:
         generate.check_class(net, class_idx)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--class'")
+    try:
+        generate.sampler_for(net, gnet, guidance, **sampler_kwargs)
+    except ValueError as e:
+        raise click.UsageError(str(e))
 
     denoiser = None
     if fast if fast is not None else device.type == 'cuda':
         from edm_fast.fast import FastDenoiser
         denoiser = FastDenoiser(net, dtype=dtype, compile=compile_net, cuda_graphs=graphs)
+        if gnet is not None:
+            gnet = FastDenoiser(gnet, dtype=dtype, compile=compile_net, cuda_graphs=graphs)
 
     keep = grid_path is not None or npz_path is not None
     kept = []
     start = time.perf_counter()
     for batch in generate.generate_images(net, seeds, max_batch_size=max_batch_size, class_idx=class_idx, device=device,
-                                          denoiser=denoiser, progress=True, **sampler_kwargs):
+                                          denoiser=denoiser, gnet=gnet, guidance=guidance, encoder=encoder,
+                                          progress=True, **sampler_kwargs):
         images = batch.images.permute(0, 2, 3, 1).cpu().numpy()
         for seed, image in zip(batch.seeds, images):
             image_io.save_png(image, image_io.image_path(outdir, seed, subdirs))
@@ -118,7 +146,7 @@ def main(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, device
             if npz_path:
                 labels = np.array([by_seed[s][1] for s in seeds]) if net.label_dim else None
                 image_io.save_npz(npz_path, images, seeds, labels)
-        nfe = sampling.nfe_per_image(**{k: v for k, v in sampler_kwargs.items() if k in ('num_steps', 'solver')})
+        nfe = generate.nfe_per_image(net, guidance, **sampler_kwargs)
         print(f'Generated {len(seeds)} images in {seconds:.2f} s: {len(seeds) / seconds:.2f} images/s, '
               f'{nfe} NFE per image, {world} process(es) on {device.type}'
               f'{f" (fast path: {dtype}" + (", compiled" if compile_net else "") + (", CUDA graphs" if graphs and device.type == "cuda" else "") + ")" if denoiser else ""}'

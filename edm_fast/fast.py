@@ -46,8 +46,9 @@ class FastDenoiser:
         self.cuda_graphs = cuda_graphs
         self.warmup = warmup
         self.graphs = {}
-        self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
-        self.img_channels, self.img_resolution, self.label_dim = net.img_channels, net.img_resolution, net.label_dim
+        for name in ('sigma_min', 'sigma_max', 'round_sigma', 'img_channels', 'img_resolution', 'label_dim'):
+            if hasattr(net, name):  # EDM2 networks have no sigma range or round_sigma
+                setattr(self, name, getattr(net, name))
 
     def _call(self, x, sigma, class_labels):
         if self.channels_last:

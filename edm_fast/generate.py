@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import sampling
+from . import sampling, sampling_edm2
 
 Batch = collections.namedtuple('Batch', ['images', 'labels', 'seeds'])
 Batch.__doc__ = """images: uint8 [B, C, H, W] on the sampling device; labels: int64 class indices [B] or None;
@@ -52,11 +52,13 @@ def to_uint8(x):
 
 
 class Denoiser:
-    """Presents `fn(x, sigma, class_labels)` to the samplers with `net`'s sigma range and round_sigma."""
+    """Presents `fn(x, sigma, class_labels)` to the samplers with `net`'s sigma range and round_sigma (EDM)."""
 
     def __init__(self, net, fn):
         self.net, self.fn = net, fn
-        self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
+        for name in ('sigma_min', 'sigma_max', 'round_sigma'):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
 
     def __call__(self, x, sigma, class_labels=None):
         return self.fn(x, sigma, class_labels)
@@ -83,21 +85,55 @@ def check_class(net, class_idx):
         raise ValueError(f'class {class_idx} is out of range: the network has {net.label_dim} classes (0..{net.label_dim - 1})')
 
 
+def is_edm2(net):
+    from .networks_edm2 import Precond
+    return isinstance(net, Precond)
+
+
+def sampler_for(net, gnet=None, guidance=None, **sampler_kwargs):
+    """(sampler function, kwargs) for this network: EDM2 networks take the EDM2 sampler (with optional
+    guidance by `gnet`), EDM networks edm_sampler or the ablation sampler (NVlabs generate.py rule)."""
+    if is_edm2(net):
+        kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+        ablation = sorted(k for k in ABLATION_KEYS if k in kwargs)
+        if ablation:
+            raise ValueError(f'{", ".join(ablation)}: the ablation sampler is for EDM networks, not EDM2 ones')
+        if guidance is not None:
+            kwargs['guidance'] = guidance
+        if gnet is not None:
+            kwargs['gnet'] = gnet
+        return sampling_edm2.edm2_sampler, kwargs
+    if gnet is not None or guidance not in (None, 1):
+        raise ValueError('guidance (gnet, guidance != 1) is defined for EDM2 networks; this is an EDM network')
+    return select_sampler(**sampler_kwargs)
+
+
+def nfe_per_image(net, guidance=None, **sampler_kwargs):
+    """Network evaluations per image for the sampler generate_images would run."""
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    if is_edm2(net):
+        return sampling_edm2.nfe_per_image(kwargs.get('num_steps', 32), 1 if guidance is None else guidance)
+    return sampling.nfe_per_image(kwargs.get('num_steps', 18), kwargs.get('solver'))
+
+
 @torch.no_grad()
 def generate_images(net, seeds, *, max_batch_size=64, class_idx=None, device=None, denoiser=None, progress=False,
-                    **sampler_kwargs):
+                    gnet=None, guidance=None, encoder=None, **sampler_kwargs):
     """Yield Batch(images, labels, seeds) for this rank's share of `seeds`.
 
-    net: a preconditioner (eval mode) on `device`; sampler_kwargs: edm_sampler / ablation_sampler options
-    (num_steps, sigma_min, ..., solver, discretization, schedule, scaling; None means default).
-    Under torch.distributed every rank must call this with the same seeds; a barrier runs per batch.
+    net: a preconditioner (eval mode) on `device`, EDM or EDM2; sampler_kwargs: sampler options (num_steps,
+    sigma_min, ..., solver, discretization, schedule, scaling for EDM; None means the sampler's default).
+    denoiser: a faster drop-in for net (e.g. edm_fast.fast.FastDenoiser); gnet, guidance: EDM2 guidance (gnet
+    may itself be a FastDenoiser); encoder: decodes the sampler output to uint8 (EDM2 encoders), default
+    trunc(clip(127.5 x + 128)). Under torch.distributed every rank must call this with the same seeds.
     """
     device = torch.device(device) if device is not None else next(net.parameters()).device
     check_class(net, class_idx)
     if any(int(s) != s or s < 0 for s in seeds):
         raise ValueError('seeds must be non-negative integers')
-    fn, kwargs = select_sampler(**sampler_kwargs)
+    fn, kwargs = sampler_for(net, gnet, guidance, **sampler_kwargs)
     model = Denoiser(net, denoiser) if denoiser is not None else net
+    decode = encoder.decode if encoder is not None else to_uint8
     rank, world = dist_rank_world()
     batches = rank_batches(seeds, max_batch_size, rank, world)
     bar = None
@@ -120,7 +156,7 @@ def generate_images(net, seeds, *, max_batch_size=64, class_idx=None, device=Non
                     labels = torch.full_like(labels, class_idx)
                 class_labels = torch.eye(net.label_dim, device=device)[labels]
             x = fn(model, latents, class_labels, randn_like=randn_like(rnd, fn, kwargs), **kwargs)
-            yield Batch(to_uint8(x), labels, batch_seeds)
+            yield Batch(decode(x), labels, batch_seeds)
             if bar is not None:
                 bar.update(n)
     finally:

@@ -37,22 +37,24 @@ def parse_int_list(ctx, param, value):
 # Main options.
 @click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
 @click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
-@click.option('--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False)
+@click.option('--cond', help='Train class-conditional model  [default: False; EDM2: True]', metavar='BOOL', type=bool)
 @click.option('--arch', help='Network architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp')
 @click.option('--precond', help='Preconditioning & loss function', type=click.Choice(['vp', 've', 'edm']), default='edm')
 # Hyperparameters.
-@click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200)
+@click.option('--duration', help='Training duration: Mimg (EDM, default 200) or images with Ki/Mi/Gi (EDM2)', metavar='MIMG|NIMG')
 @click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512)
 @click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=int)
 @click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', callback=parse_int_list)
-@click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10e-4)
+@click.option('--lr', help='Learning rate (EDM2: ref_lr)  [default: 1e-3; EDM2: preset]', metavar='FLOAT',
+              type=click.FloatRange(min=0, min_open=True))
 @click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5)
-@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.13)
+@click.option('--dropout', help='Dropout probability  [default: 0.13; EDM2: preset]', metavar='FLOAT',
+              type=click.FloatRange(min=0, max=1))
 @click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.12)
 @click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False)
 # Performance-related (NVlabs).
-@click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False)
+@click.option('--fp16', help='Enable mixed-precision training  [default: False; EDM2: True]', metavar='BOOL', type=bool)
 @click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
 @click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
@@ -73,12 +75,106 @@ def parse_int_list(ctx, param, value):
 @click.option('--compile', 'compile_net', help='torch.compile the network', metavar='BOOL', type=bool, default=False)
 @click.option('--backend', help='edm_fast op backends, as EDM_FAST_BACKEND (e.g. cuda or group_norm=triton)', metavar='STR')
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu')
+# EDM2 (NVlabs train_edm2.py option names).
+@click.option('--preset', help='EDM2 configuration preset (selects the EDM2 network, loss and loop)', type=str)
+@click.option('--channels', help='EDM2 channel multiplier  [default: preset]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--P_mean', 'P_mean', help='EDM2 noise level mean  [default: preset]', metavar='FLOAT', type=float)
+@click.option('--P_std', 'P_std', help='EDM2 noise level standard deviation  [default: preset]', metavar='FLOAT',
+              type=click.FloatRange(min=0, min_open=True))
+@click.option('--decay', help='EDM2 learning-rate decay (ref_batches)  [default: preset]', metavar='BATCHES',
+              type=click.FloatRange(min=0))
+@click.option('--status', help='EDM2 interval of status prints', metavar='NIMG', default='128Ki')
+@click.option('--snapshot', help='EDM2 interval of network snapshots', metavar='NIMG', default='8Mi')
+@click.option('--checkpoint', help='EDM2 interval of training checkpoints', metavar='NIMG', default='128Mi')
 @click.option('--lr-rampup', 'lr_rampup', help='Learning-rate ramp-up (NVlabs fixes it at 10000)', metavar='KIMG',
               type=click.FloatRange(min=0), default=10000)
-def main(**opts):
+@click.pass_context
+def main(ctx, **opts):
     """Train diffusion-based generative model using the techniques described in the paper
-    "Elucidating the Design Space of Diffusion-Based Generative Models"."""
+    "Elucidating the Design Space of Diffusion-Based Generative Models" (EDM), or with --preset an EDM2 model
+    ("Analyzing and Improving the Training Dynamics of Diffusion Models")."""
+    explicit = {name for name in opts if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if opts['preset'] is not None:
+        return run_edm2(dict(opts), explicit)
+    for name, default in (('cond', False), ('lr', 10e-4), ('dropout', 0.13), ('fp16', False)):
+        if opts[name] is None:
+            opts[name] = default
+    edm2_only = sorted(n for n in ('channels', 'P_mean', 'P_std', 'decay', 'status', 'snapshot', 'checkpoint')
+                       if n in explicit)
+    if edm2_only:
+        raise click.UsageError(f'--{edm2_only[0]} is an EDM2 option: it needs --preset')
+    try:
+        opts['duration'] = 200.0 if opts['duration'] is None else float(opts['duration'])
+        assert opts['duration'] > 0
+    except (ValueError, AssertionError):
+        raise click.BadParameter(f'{opts["duration"]!r}: expected a positive number of Mimg', param_hint="'--duration'")
     run(dict(opts))
+
+
+def run_edm2(opts, explicit):
+    """EDM2 training (NVlabs train_edm2.py semantics): --outdir is the run directory and resumes automatically."""
+    from edm_fast import presets_edm2, training_loop_edm2
+    edm_only = sorted(n for n in ('arch', 'precond', 'cbase', 'cres', 'ema', 'augment', 'xflip', 'tick', 'snap', 'dump',
+                                  'transfer', 'resume', 'nosubdir', 'desc', 'lr_rampup') if n in explicit)
+    if edm_only:
+        raise click.UsageError(f'--{edm_only[0].replace("_", "-")} is an EDM option; EDM2 (--preset) does not use it')
+    if opts['preset'] not in presets_edm2.PRESETS:
+        raise click.BadParameter(f'{opts["preset"]!r}: expected one of {", ".join(sorted(presets_edm2.PRESETS))}',
+                                 param_hint="'--preset'")
+    parse = training_loop_edm2.parse_nimg
+    try:
+        overrides = {}
+        if opts['duration'] is not None:
+            overrides['total_nimg'] = parse(opts['duration'], '--duration')
+        c = training_loop_edm2.default_config(**presets_edm2.training_config(opts['preset'], **overrides))
+        c['status_nimg'] = parse(opts['status'], '--status')
+        c['snapshot_nimg'] = parse(opts['snapshot'], '--snapshot')
+        c['checkpoint_nimg'] = parse(opts['checkpoint'], '--checkpoint')
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    c['run_dir'] = opts['outdir']
+    c['dataset_kwargs'].update(path=opts['data'], use_labels=True if opts['cond'] is None else opts['cond'])
+    c['data_loader_kwargs']['num_workers'] = opts['workers']
+    net = c['network_kwargs']
+    net['use_fp16'] = True if opts['fp16'] is None else opts['fp16']
+    if opts['channels'] is not None:
+        net['model_channels'] = opts['channels']
+    if opts['dropout'] is not None:
+        net['dropout'] = opts['dropout']
+    if opts['P_mean'] is not None:
+        c['loss_kwargs']['P_mean'] = opts['P_mean']
+    if opts['P_std'] is not None:
+        c['loss_kwargs']['P_std'] = opts['P_std']
+    if opts['lr'] is not None:
+        c['lr_kwargs']['ref_lr'] = opts['lr']
+    if opts['decay'] is not None:
+        c['lr_kwargs']['ref_batches'] = opts['decay']
+    c.update(batch_size=opts['batch'] if 'batch' in explicit else c['batch_size'], batch_gpu=opts['batch_gpu'],
+             loss_scaling=opts['ls'], cudnn_benchmark=opts['bench'], seed=0 if opts['seed'] is None else opts['seed'])
+    perf = dict(precision='bf16' if opts['bf16'] else None, channels_last=opts['channels_last'],
+                compile=opts['compile_net'], backend=opts['backend'])
+    device_type = opts['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
+    rank, world, device = distributed.init_from_env(device_type)
+    if rank == 0:
+        print('Training options (EDM2):')
+        print(json.dumps(dict(c, edm_fast_performance=perf), indent=2, default=str))
+        print(f'Output directory: {c["run_dir"]} (resumes from its newest training state)')
+    if opts['dry_run']:
+        if rank == 0:
+            print('Dry run; exiting.')
+        distributed.shutdown()
+        return
+    if rank == 0:
+        os.makedirs(c['run_dir'], exist_ok=True)
+        with open(os.path.join(c['run_dir'], 'training_options.json'), 'wt') as f:
+            json.dump(dict(c, edm_fast_performance=perf), f, indent=2, default=str)
+    logger = util.Logger(os.path.join(c['run_dir'], 'log.txt'), file_mode='a') if rank == 0 else None
+    try:
+        training_loop_edm2.training_loop(**c, **perf, device=device)
+    finally:
+        if logger is not None:
+            logger.close()
+        distributed.shutdown()
 
 
 def build_config(opts, world):

@@ -45,7 +45,8 @@ def check_outdir(outdir):
 
 
 @click.command(context_settings=dict(show_default=True))
-@click.option('--network', 'network_path', help='Network: NVlabs pickle or edm_fast snapshot', metavar='PATH', required=True)
+@click.option('--network', 'network_path', help='Network: NVlabs pickle or edm_fast snapshot  [default: the built-in '
+              'demo model (digits), which also writes out/grid.png]', metavar='PATH')
 @click.option('--outdir', help='Where to save the PNGs', metavar='DIR', default='out')
 @click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', callback=parse_seeds, default='0-63')
 @click.option('--subdirs', help='Create subdirectory for every 1000 seeds', is_flag=True)
@@ -82,6 +83,13 @@ def main(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, device
          compile_net, graphs, gnet_path, guidance, vae_path, **sampler_kwargs):
     """Generate images from an EDM network with the EDM sampler (or the ablation sampler when --solver,
     --disc, --schedule or --scaling is given), one PNG per seed named as NVlabs names them."""
+    if network_path is None:  # the main job on a built-in default: the demo model shipped in the package
+        from edm_fast.demo import DEMO_SNAPSHOT
+        if not os.path.exists(DEMO_SNAPSHOT):
+            raise click.BadParameter(f'no --network given and the built-in demo model {DEMO_SNAPSHOT} is missing; '
+                                     f'pass --network=PATH', param_hint="'--network'")
+        network_path = DEMO_SNAPSHOT
+        grid_path = grid_path or os.path.join(outdir, 'grid.png')
     rank, world, device = distributed.init_from_env(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     check_outdir(outdir)
     try:

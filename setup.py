@@ -59,4 +59,4 @@ if reason:
 with open(os.path.join(HERE, 'edm_fast', '_build_info.json'), 'w') as f:
     json.dump({'cuda_extension': not reason, 'reason': reason}, f)
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass, package_data={'edm_fast': ['_build_info.json']})
+setup(ext_modules=ext_modules, cmdclass=cmdclass, package_data={'edm_fast': ['_build_info.json', 'assets/*.safetensors']})

@@ -1,0 +1,421 @@
+"""Triton GroupNorm fused with its U-Net neighbours: y = act(shift + group_norm(x + pre_add) * (scale + 1)).
+
+Algorithm. One program owns GPB whole groups of one sample: a tile of [pixels, GPB*Cg channels] addressed
+through (sample, channel, pixel) strides, so the same kernel serves NCHW (pixel stride 1) and channels-last
+(channel stride 1); several groups per program give channels-last rows of at least ~64 bytes.
+  forward   for each chunk of BLOCK_P pixels, mean and M2 in registers by the corrected two-pass algorithm
+            (mean0 = sum/n, then sum(v - mean0) recovers the rounding of that sum and
+            M2 = sum (v - mean0)^2 - n*corr^2), merged across chunks with Chan's parallel formula; never
+            E[x^2] - E[x]^2. Then, per channel, y = act((v - mean) * A + B), A = rstd*w*s1,
+            B = b*s1 + shift, s1 = scale + 1 (centred first: folding the mean into B cancels
+            catastrophically when |mean| >> std). A group that fits one chunk stays in registers (x is
+            read once); a larger one is read again for the second pass (from L2 on a GPU).
+  backward  per channel S1 = sum_p du, S2 = sum_p du*xhat (du = dy * silu'(u)); the group means of
+            dxhat = du*w*s1 and dxhat*xhat follow from them, then dx = rstd*(dxhat - m1 - xhat*m2) and,
+            for the pre-add gradient, S3 = sum_p dx. A second kernel reduces the fp32 [N, C] sums over the
+            batch into the weight/bias gradients (and broadcast scale/shift/pre-add ones) in a fixed order:
+            deterministic, no atomics.
+Grid: one program per (sample, block of GPB groups); the parameter-gradient kernel one per BLOCK_C channels.
+Precision: everything in fp32 right after loading (bf16 arithmetic is also unreliable in the interpreter).
+As the reference casts weight/bias to x.dtype and computes x + pre_add and scale + 1 in x.dtype, those
+values are rounded to x.dtype before use; nothing else is rounded until the output.
+Limits: 4-D inputs, C divisible by num_groups, at most MAX_GROUP_CHANNELS channels per group.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_GROUP_CHANNELS = 8192
+# Kernels defined under TRITON_INTERPRET=1 run through the interpreter on CPU tensors (and only there).
+INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
+_FWD_TILE = 16384   # elements per chunk in the forward (registers: one fp32 value per element)
+_BWD_TILE = 8192    # the backward holds x, dy, du and xhat per element
+
+
+def _next_pow2(v):
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def channels_last(x):
+    """True when x is laid out channels-last (and not also plain contiguous, as 1x1 maps are)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _tile_config(N, C, G, P, esize, cl, max_tile, min_programs=1):
+    """(groups per program, BLOCK_P, BLOCK_CW, BLOCK_G, number of chunks, num_warps)."""
+    Cg = C // G
+    single = max(2, _next_pow2(Cg)) * _next_pow2(P)
+    # Channels-last: neighbouring groups share every pixel row, so take enough of them for rows of >= 64
+    # bytes. NCHW groups are contiguous already; only tiny ones (1x1 maps) are batched.
+    want_cols = max(Cg, 64 // esize) if cl else Cg
+    gpb = 1
+    for d in range(1, G + 1):
+        if G % d:
+            continue
+        cols = d * Cg
+        fits = cols <= want_cols if cl else cols * P <= 1024
+        # Keep a group that fits one chunk in registers rather than trading that for wider rows, and keep
+        # enough programs to fill the GPU.
+        keeps_resident = max(2, _next_pow2(cols)) * _next_pow2(P) <= max_tile or single > max_tile
+        if fits and keeps_resident and (d == 1 or N * (G // d) >= min_programs):
+            gpb = d
+    block_cw = max(2, _next_pow2(gpb * Cg))
+    block_p = max(2, min(_next_pow2(P), max_tile // block_cw))  # aranges of >= 2 (size 1 is fragile)
+    chunks = triton.cdiv(P, block_p)
+    num_warps = max(1, min(16, block_p * block_cw // 512))
+    return gpb, block_p, block_cw, max(2, _next_pow2(gpb)), chunks, num_warps
+
+
+def _min_programs(x):
+    """Programs that keep every SM busy: two per SM on a GPU (the interpreter runs them one by one)."""
+    if x.device.type != 'cuda':
+        return 1
+    return 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+
+
+def _layout(x):
+    """(channels_last, strides of sample, channel, pixel) for a dense 4-D x."""
+    N, C, H, W = x.shape
+    P = H * W
+    cl = channels_last(x)
+    return cl, (C * P, 1, C) if cl else (C * P, P, 1)
+
+
+def _bcast_strides(t):
+    """(sample stride, channel stride) of a [N or 1, C, 1, 1] tensor; sample stride 0 when broadcast."""
+    if t is None:
+        return 0, 0
+    return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
+
+
+@triton.jit
+def _onehot(Cg, GPB, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Column index, valid-column mask and the [BLOCK_CW, BLOCK_G] column->group indicator matrix."""
+    cw = tl.arange(0, BLOCK_CW)
+    col_ok = cw < GPB * Cg
+    hot = ((cw // Cg)[:, None] == tl.arange(0, BLOCK_G)[None, :]) & col_ok[:, None]
+    return cw, col_ok, hot.to(tl.float32)
+
+
+@triton.jit
+def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, col_ok, sc_sn, sc_sc, sh_sn, sh_sc, dtype,
+                    HAS_SS: tl.constexpr):
+    """Per-column w, b (rounded to x.dtype like the reference's cast), scale + 1 (rounded) and shift."""
+    w = tl.load(w_ptr + c, mask=col_ok, other=0.0).to(tl.float32).to(dtype).to(tl.float32)
+    b = tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32).to(dtype).to(tl.float32)
+    if HAS_SS:
+        s1 = tl.load(scale_ptr + n * sc_sn + c * sc_sc, mask=col_ok, other=0.0).to(tl.float32)
+        s1 = (s1 + 1.0).to(dtype).to(tl.float32)
+        sh = tl.load(shift_ptr + n * sh_sn + c * sh_sc, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        s1 = tl.where(col_ok, 1.0, 0.0)
+        sh = tl.zeros_like(s1)
+    return w, b, s1, sh
+
+
+@triton.jit
+def _load_v(x_ptr, base, a, p, sxp, m, dtype, HAS_ADD: tl.constexpr):
+    """v = x (+ pre_add, rounded to x.dtype as the reference adds in x.dtype), 0 outside the mask."""
+    v = tl.load(x_ptr + base[None, :] + p[:, None] * sxp, mask=m, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        v = tl.where(m, (v + a[None, :]).to(dtype).to(tl.float32), 0.0)
+    return v
+
+
+@triton.jit
+def _chunk_stats(v, m, hot, count):
+    """Per-group (mean0, correction, M2) of one chunk (count elements per group), corrected two-pass:
+    mean = mean0 + correction, where the correction sum(v - mean0)/count recovers the rounding error of the
+    first sum (|mean| >> std in fp32) and M2 = sum (v - mean0)^2 - count*correction^2."""
+    gmean = tl.sum(tl.sum(v, axis=0)[:, None] * hot, axis=0) / count
+    d = tl.where(m, v - tl.sum(hot * gmean[None, :], axis=1)[None, :], 0.0)
+    corr = tl.sum(tl.sum(d, axis=0)[:, None] * hot, axis=0) / count
+    gm2 = tl.maximum(tl.sum(tl.sum(d * d, axis=0)[:, None] * hot, axis=0) - count * corr * corr, 0.0)
+    return gmean, corr, gm2
+
+
+@triton.jit
+def _silu(u):
+    return u * tl.sigmoid(u)
+
+
+@triton.jit
+def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+                   P, G, Cg, GPB, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, eps, num_chunks,
+                   BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
+                   HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles = G // GPB
+    n = pid // tiles
+    g0 = (pid % tiles) * GPB
+    dtype = x_ptr.dtype.element_ty
+    cw, col_ok, hot = _onehot(Cg, GPB, BLOCK_CW, BLOCK_G)
+    c = g0 * Cg + cw
+    base = n.to(tl.int64) * sxn + c * sxc
+    if HAS_ADD:
+        a = tl.load(add_ptr + n * add_sn + c * add_sc, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        a = tl.zeros([BLOCK_CW], tl.float32)
+    rows = tl.arange(0, BLOCK_P)
+
+    if ONE_CHUNK:
+        m = (rows < P)[:, None] & col_ok[None, :]
+        v = _load_v(x_ptr, base, a, rows, sxp, m, dtype, HAS_ADD)
+        count = P * Cg * 1.0
+        # The mean as mean + mean_lo: v - mean is exact for v near the mean, then mean_lo is subtracted.
+        mean, mean_lo, m2 = _chunk_stats(v, m, hot, count)
+    else:
+        mean_lo = tl.zeros([BLOCK_G], tl.float32)
+        mean = tl.zeros([BLOCK_G], tl.float32)
+        m2 = tl.zeros([BLOCK_G], tl.float32)
+        for ch in range(0, num_chunks):
+            p = ch * BLOCK_P + rows
+            mc = (p < P)[:, None] & col_ok[None, :]
+            vc = _load_v(x_ptr, base, a, p, sxp, mc, dtype, HAS_ADD)
+            # Every chunk but the last is full, so the running count follows from the chunk index.
+            count = (ch * BLOCK_P * Cg).to(tl.float32)
+            count_b = (tl.minimum(P - ch * BLOCK_P, BLOCK_P) * Cg).to(tl.float32)
+            mean_b, corr_b, m2_b = _chunk_stats(vc, mc, hot, count_b)
+            mean_b += corr_b
+            total = count + count_b
+            delta = mean_b - mean
+            mean = mean + delta * (count_b / total)
+            m2 = m2 + m2_b + delta * delta * (count * count_b / total)
+        count = P * Cg * 1.0
+    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    gi = tl.arange(0, BLOCK_G)
+    tl.store(mean_ptr + n * G + g0 + gi, mean + mean_lo, mask=gi < GPB)
+    tl.store(rstd_ptr + n * G + g0 + gi, rstd, mask=gi < GPB)
+
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, col_ok, sc_sn, sc_sc, sh_sn, sh_sc,
+                                   dtype, HAS_SS)
+    c_mean = tl.sum(hot * mean[None, :], axis=1)
+    c_mean_lo = tl.sum(hot * mean_lo[None, :], axis=1)
+    c_rstd = tl.sum(hot * rstd[None, :], axis=1)
+    A = c_rstd * w * s1
+    B = b * s1 + sh - c_mean_lo * A
+    if ONE_CHUNK:
+        # Padding lanes (v = 0) would give huge |u|: zero them so the SiLU never overflows there.
+        u = tl.where(m, (v - c_mean[None, :]) * A[None, :] + B[None, :], 0.0)
+        if SILU:
+            u = _silu(u)
+        tl.store(y_ptr + base[None, :] + rows[:, None] * sxp, u.to(y_ptr.dtype.element_ty), mask=m)
+    else:
+        for ch in range(0, num_chunks):
+            p = ch * BLOCK_P + rows
+            mc = (p < P)[:, None] & col_ok[None, :]
+            vc = _load_v(x_ptr, base, a, p, sxp, mc, dtype, HAS_ADD)
+            u = tl.where(mc, (vc - c_mean[None, :]) * A[None, :] + B[None, :], 0.0)
+            if SILU:
+                u = _silu(u)
+            tl.store(y_ptr + base[None, :] + p[:, None] * sxp, u.to(y_ptr.dtype.element_ty), mask=mc)
+
+
+@triton.jit
+def _bwd_chunk(dy_ptr, x_ptr, base, a, p, sxp, m, c_mean, c_rstd, w, b, s1, sh, dtype,
+               HAS_ADD: tl.constexpr, SILU: tl.constexpr):
+    """(du, xhat) of one chunk, zero outside the mask."""
+    v = _load_v(x_ptr, base, a, p, sxp, m, dtype, HAS_ADD)
+    dy = tl.load(dy_ptr + base[None, :] + p[:, None] * sxp, mask=m, other=0.0).to(tl.float32)
+    xhat = tl.where(m, (v - c_mean[None, :]) * c_rstd[None, :], 0.0)
+    if SILU:
+        u = (xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
+        sig = tl.sigmoid(u)
+        dy = dy * sig * (1.0 + u * (1.0 - sig))
+    return dy, xhat
+
+
+@triton.jit
+def _gn_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+                   sum1_ptr, sum2_ptr, sum3_ptr,
+                   P, C, G, Cg, GPB, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, num_chunks,
+                   BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
+                   HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr, NEED_DADD: tl.constexpr,
+                   ONE_CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles = G // GPB
+    n = pid // tiles
+    g0 = (pid % tiles) * GPB
+    dtype = x_ptr.dtype.element_ty
+    cw, col_ok, hot = _onehot(Cg, GPB, BLOCK_CW, BLOCK_G)
+    c = g0 * Cg + cw
+    base = n.to(tl.int64) * sxn + c * sxc
+    if HAS_ADD:
+        a = tl.load(add_ptr + n * add_sn + c * add_sc, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        a = tl.zeros([BLOCK_CW], tl.float32)
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, col_ok, sc_sn, sc_sc, sh_sn, sh_sc,
+                                   dtype, HAS_SS)
+    c_mean = tl.load(mean_ptr + n * G + g0 + cw // Cg, mask=col_ok, other=0.0)
+    c_rstd = tl.load(rstd_ptr + n * G + g0 + cw // Cg, mask=col_ok, other=0.0)
+    rows = tl.arange(0, BLOCK_P)
+
+    if ONE_CHUNK:
+        m = (rows < P)[:, None] & col_ok[None, :]
+        du, xhat = _bwd_chunk(dy_ptr, x_ptr, base, a, rows, sxp, m, c_mean, c_rstd, w, b, s1, sh, dtype,
+                              HAS_ADD, SILU)
+        sum1 = tl.sum(du, axis=0)
+        sum2 = tl.sum(du * xhat, axis=0)
+    else:
+        sum1 = tl.zeros([BLOCK_CW], tl.float32)
+        sum2 = tl.zeros([BLOCK_CW], tl.float32)
+        for ch in range(0, num_chunks):
+            p = ch * BLOCK_P + rows
+            mc = (p < P)[:, None] & col_ok[None, :]
+            duc, xhatc = _bwd_chunk(dy_ptr, x_ptr, base, a, p, sxp, mc, c_mean, c_rstd, w, b, s1, sh, dtype,
+                                    HAS_ADD, SILU)
+            sum1 += tl.sum(duc, axis=0)
+            sum2 += tl.sum(duc * xhatc, axis=0)
+    tl.store(sum1_ptr + n * C + c, sum1, mask=col_ok)
+    tl.store(sum2_ptr + n * C + c, sum2, mask=col_ok)
+
+    # Group means of dxhat = du*w*s1 and of dxhat*xhat, broadcast back to the columns.
+    ws1 = w * s1
+    inv_count = 1.0 / (P * Cg * 1.0)
+    m1 = tl.sum(hot * (tl.sum((ws1 * sum1)[:, None] * hot, axis=0) * inv_count)[None, :], axis=1)
+    m2 = tl.sum(hot * (tl.sum((ws1 * sum2)[:, None] * hot, axis=0) * inv_count)[None, :], axis=1)
+    if ONE_CHUNK:
+        dx = tl.where(m, c_rstd[None, :] * (ws1[None, :] * du - m1[None, :] - xhat * m2[None, :]), 0.0)
+        tl.store(dx_ptr + base[None, :] + rows[:, None] * sxp, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        if NEED_DADD:
+            tl.store(sum3_ptr + n * C + c, tl.sum(dx, axis=0), mask=col_ok)
+    else:
+        sum3 = tl.zeros([BLOCK_CW], tl.float32)
+        for ch in range(0, num_chunks):
+            p = ch * BLOCK_P + rows
+            mc = (p < P)[:, None] & col_ok[None, :]
+            duc, xhatc = _bwd_chunk(dy_ptr, x_ptr, base, a, p, sxp, mc, c_mean, c_rstd, w, b, s1, sh, dtype,
+                                    HAS_ADD, SILU)
+            dx = tl.where(mc, c_rstd[None, :] * (ws1[None, :] * duc - m1[None, :] - xhatc * m2[None, :]), 0.0)
+            tl.store(dx_ptr + base[None, :] + p[:, None] * sxp, dx.to(dx_ptr.dtype.element_ty), mask=mc)
+            if NEED_DADD:
+                sum3 += tl.sum(dx, axis=0)
+        if NEED_DADD:
+            tl.store(sum3_ptr + n * C + c, sum3, mask=col_ok)
+
+
+@triton.jit
+def _gn_param_grad_kernel(sum1_ptr, sum2_ptr, sum3_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, sc_sn, sc_sc,
+                          dw_ptr, db_ptr, dscale_ptr, dshift_ptr, dadd_ptr, N, C,
+                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SS: tl.constexpr,
+                          SCALE_BCAST: tl.constexpr, SHIFT_BCAST: tl.constexpr, NEED_DADD: tl.constexpr,
+                          ADD_BCAST: tl.constexpr):
+    """Reduce the [N, C] channel sums over the batch, BLOCK_N samples at a time, in a fixed order."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    dtype = x_ptr.dtype.element_ty
+    w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32).to(dtype).to(tl.float32)
+    b = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32).to(dtype).to(tl.float32)
+    dw = tl.zeros([BLOCK_C], tl.float32)
+    db = tl.zeros([BLOCK_C], tl.float32)
+    dscale = tl.zeros([BLOCK_C], tl.float32)
+    dshift = tl.zeros([BLOCK_C], tl.float32)
+    dadd = tl.zeros([BLOCK_C], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        ok = (n < N)[:, None] & c_ok[None, :]
+        nc = n[:, None] * C + c[None, :]
+        s1 = tl.load(sum1_ptr + nc, mask=ok, other=0.0)
+        s2 = tl.load(sum2_ptr + nc, mask=ok, other=0.0)
+        if HAS_SS:
+            k = tl.load(scale_ptr + n[:, None] * sc_sn + c[None, :] * sc_sc, mask=ok, other=0.0).to(tl.float32)
+            k = (k + 1.0).to(dtype).to(tl.float32)
+            dw += tl.sum(k * s2, axis=0)
+            db += tl.sum(k * s1, axis=0)
+            ds = w[None, :] * s2 + b[None, :] * s1   # d(scale) = sum_p du * (xhat*w + b)
+            if SCALE_BCAST:
+                dscale += tl.sum(ds, axis=0)
+            else:
+                tl.store(dscale_ptr + nc, ds.to(dscale_ptr.dtype.element_ty), mask=ok)
+            if SHIFT_BCAST:
+                dshift += tl.sum(s1, axis=0)
+            else:
+                tl.store(dshift_ptr + nc, s1.to(dshift_ptr.dtype.element_ty), mask=ok)
+        else:
+            dw += tl.sum(s2, axis=0)
+            db += tl.sum(s1, axis=0)
+        if NEED_DADD:
+            s3 = tl.load(sum3_ptr + nc, mask=ok, other=0.0)
+            if ADD_BCAST:
+                dadd += tl.sum(s3, axis=0)
+            else:
+                tl.store(dadd_ptr + nc, s3.to(dadd_ptr.dtype.element_ty), mask=ok)
+    tl.store(dw_ptr + c, dw.to(dw_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=c_ok)
+    if HAS_SS:
+        if SCALE_BCAST:
+            tl.store(dscale_ptr + c, dscale.to(dscale_ptr.dtype.element_ty), mask=c_ok)
+        if SHIFT_BCAST:
+            tl.store(dshift_ptr + c, dshift.to(dshift_ptr.dtype.element_ty), mask=c_ok)
+    if NEED_DADD:
+        if ADD_BCAST:
+            tl.store(dadd_ptr + c, dadd.to(dadd_ptr.dtype.element_ty), mask=c_ok)
+
+
+def forward(x, weight, bias, pre_add, scale, shift, num_groups, eps, silu):
+    """(y, mean [N, G] fp32, rstd [N, G] fp32). x: dense NCHW or channels-last [N, C, H, W]; y in x's layout."""
+    N, C, H, W = x.shape
+    P, G = H * W, num_groups
+    cl, (sxn, sxc, sxp) = _layout(x)
+    gpb, block_p, block_cw, block_g, chunks, num_warps = _tile_config(N, C, G, P, x.element_size(), cl, _FWD_TILE,
+                                                                      _min_programs(x))
+    y = torch.empty_like(x)
+    mean = torch.empty((N, G), device=x.device, dtype=torch.float32)
+    rstd = torch.empty((N, G), device=x.device, dtype=torch.float32)
+    w = weight.to(torch.float32).contiguous()
+    b = bias.to(torch.float32).contiguous()
+    has_ss = scale is not None
+    _gn_fwd_kernel[(N * (G // gpb),)](
+        x, y, w, b, pre_add if pre_add is not None else x, scale if has_ss else x, shift if has_ss else x,
+        mean, rstd, P, G, C // G, gpb, sxn, sxc, sxp, *_bcast_strides(pre_add), *_bcast_strides(scale),
+        *_bcast_strides(shift), float(eps), chunks,
+        BLOCK_P=block_p, BLOCK_CW=block_cw, BLOCK_G=block_g, HAS_ADD=pre_add is not None, HAS_SS=has_ss,
+        SILU=bool(silu), ONE_CHUNK=chunks == 1, num_warps=num_warps)
+    return y, mean, rstd
+
+
+def backward(dy, x, weight, bias, pre_add, scale, shift, mean, rstd, num_groups, silu, need_pre_add_grad):
+    """(dx, dweight, dbias, dpre_add, dscale, dshift); absent gradients are empty tensors.
+
+    x: dense [N, C, H, W]; dy any layout (made x's); mean, rstd: the forward's [N, G] statistics.
+    """
+    N, C, H, W = x.shape
+    P, G = H * W, num_groups
+    cl, (sxn, sxc, sxp) = _layout(x)
+    dy = dy.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    gpb, block_p, block_cw, block_g, chunks, num_warps = _tile_config(N, C, G, P, x.element_size(), cl, _BWD_TILE,
+                                                                      _min_programs(x))
+    dx = torch.empty_like(x)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    need_dadd = bool(need_pre_add_grad) and pre_add is not None
+    sum1, sum2 = torch.empty((N, C), **f32), torch.empty((N, C), **f32)
+    sum3 = torch.empty((N, C), **f32) if need_dadd else sum1
+    w = weight.to(torch.float32).contiguous()
+    b = bias.to(torch.float32).contiguous()
+    has_ss = scale is not None
+    _gn_bwd_kernel[(N * (G // gpb),)](
+        dy, x, dx, w, b, pre_add if pre_add is not None else x, scale if has_ss else x, shift if has_ss else x,
+        mean, rstd, sum1, sum2, sum3, P, C, G, C // G, gpb, sxn, sxc, sxp, *_bcast_strides(pre_add),
+        *_bcast_strides(scale), *_bcast_strides(shift), chunks,
+        BLOCK_P=block_p, BLOCK_CW=block_cw, BLOCK_G=block_g, HAS_ADD=pre_add is not None, HAS_SS=has_ss,
+        SILU=bool(silu), NEED_DADD=need_dadd, ONE_CHUNK=chunks == 1, num_warps=num_warps)
+
+    empty = lambda: x.new_empty(0)  # noqa: E731  (a fresh one each: operator outputs must not alias)
+    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    dbias = torch.empty_like(bias, memory_format=torch.contiguous_format)
+    dscale = scale.new_empty(scale.shape) if has_ss else empty()
+    dshift = shift.new_empty(shift.shape) if has_ss else empty()
+    dpre_add = pre_add.new_empty(pre_add.shape) if need_dadd else empty()
+    block_c = min(128, max(2, _next_pow2(C)))
+    block_n = max(2, min(_next_pow2(N), 4096 // block_c))
+    _gn_param_grad_kernel[(triton.cdiv(C, block_c),)](
+        sum1, sum2, sum3, x, w, b, scale if has_ss else x, *_bcast_strides(scale),
+        dweight, dbias, dscale if has_ss else dweight, dshift if has_ss else dweight,
+        dpre_add if need_dadd else dweight, N, C,
+        BLOCK_N=block_n, BLOCK_C=block_c, HAS_SS=has_ss, SCALE_BCAST=has_ss and scale.shape[0] < N,
+        SHIFT_BCAST=has_ss and shift.shape[0] < N, NEED_DADD=need_dadd, ADD_BCAST=need_dadd and pre_add.shape[0] < N,
+        num_warps=4)
+    return dx, dweight, dbias, dpre_add, dscale, dshift

@@ -24,7 +24,7 @@ for stage in "$@"; do
     demo:*)
       secs=${stage#demo:}
       say "demo: training in the background for ${secs}s"
-      ( timeout --signal=TERM --kill-after=60 "$secs" python train.py --outdir="$OUT/demo" --nosubdir \
+      ( timeout --signal=TERM --kill-after=60 "$secs" python train.py --outdir=/tmp/edm_demo --nosubdir \
           --data=.gpu_carry/digits-16x16.zip --cond=1 --arch=ddpmpp --cbase=32 --cres=1,2,2 --batch=256 \
           --duration=20 --lr=1e-3 --lr-rampup=100 --ema=0.2 --augment=0 --dropout=0.13 --tick=100 --snap=1 \
           --dump=5 --seed=0 --workers=2 --device=cuda > "$OUT/demo.log" 2>&1 ) &
@@ -37,13 +37,15 @@ for stage in "$@"; do
   case "$stage" in
     build)
       say "build: python $(python -c 'import sys; print(sys.version.split()[0])'), torch $(python -c 'import torch; print(torch.__version__)')"
-      python -m pip install -e . --no-build-isolation --no-deps -v > "$OUT/build.log" 2>&1; say "build exit $?"
+      timeout ${BUILD_TIMEOUT:-400} python -m pip install -e . --no-build-isolation --no-deps -v > "$OUT/build.log" 2>&1
+      say "build exit $?"
       grep -E "edm_fast setup|error" "$OUT/build.log" | head -20 | tee -a "$LOG"
       python -m edm_fast 2>&1 | tee -a "$LOG"
       ;;
     tests)
       say "tests: GPU-marked tests"
-      python -m pytest -q -m gpu -p no:cacheprovider tests/ -rfE --tb=short > "$OUT/tests.log" 2>&1; say "tests exit $?"
+      timeout ${TESTS_TIMEOUT:-420} python -m pytest -q -m gpu -p no:cacheprovider tests/ -rfE --tb=short \
+        > "$OUT/tests.log" 2>&1; say "tests exit $?"
       tail -n 40 "$OUT/tests.log" | tee -a "$LOG"
       ;;
     tests-all)
@@ -76,10 +78,9 @@ if [ -n "$demo_pid" ]; then
   say "waiting for the demo training"
   wait "$demo_pid"
   tail -n 5 "$OUT/demo.log" | tee -a "$LOG"
-  last=$(ls "$OUT"/demo/network-snapshot-*.safetensors 2>/dev/null | tail -n 1)
+  last=$(ls /tmp/edm_demo/network-snapshot-*.safetensors 2>/dev/null | tail -n 1)
   [ -n "$last" ] && cp "$last" "$OUT/demo-snapshot.safetensors" && say "demo snapshot: $last"
-  cp "$OUT/demo/stats.jsonl" "$OUT/demo-stats.jsonl" 2>/dev/null
-  rm -rf "$OUT/demo"
+  cp /tmp/edm_demo/stats.jsonl "$OUT/demo-stats.jsonl" 2>/dev/null
 fi
 python -m bench.chart --results "$OUT/results" > /dev/null 2>&1 && mv "$OUT/results/speedups.png" "$OUT/" 2>/dev/null
 tar -czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"

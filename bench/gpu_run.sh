@@ -27,7 +27,7 @@ for stage in "$@"; do
       ( timeout --signal=TERM --kill-after=60 "$secs" python train.py --outdir=/tmp/edm_demo --nosubdir \
           --data=.gpu_carry/digits-16x16.zip --cond=1 --arch=ddpmpp --cbase=32 --cres=1,2,2 --batch=256 \
           --duration=20 --lr=1e-3 --lr-rampup=100 --ema=0.2 --augment=0 --dropout=0.13 --tick=100 --snap=1 \
-          --dump=5 --seed=0 --workers=2 --device=cuda > "$OUT/demo.log" 2>&1 ) &
+          --dump=5 --seed=0 --workers=2 --device=cuda --backend=reference > "$OUT/demo.log" 2>&1 ) &
       demo_pid=$!
       ;;
   esac

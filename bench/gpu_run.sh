@@ -43,10 +43,14 @@ for stage in "$@"; do
       python -m edm_fast 2>&1 | tee -a "$LOG"
       ;;
     tests)
-      say "tests: GPU-marked tests"
-      timeout ${TESTS_TIMEOUT:-420} python -m pytest -q -m gpu -p no:cacheprovider tests/ -rfE --tb=short \
-        > "$OUT/tests.log" 2>&1; say "tests exit $?"
-      tail -n 40 "$OUT/tests.log" | tee -a "$LOG"
+      # One file at a time with its own limit, so a slow or hanging file does not hide the others' results.
+      say "tests: GPU-marked tests, file by file"
+      for f in ${TEST_FILES:-tests/ops/test_heun.py tests/ops/test_group_norm.py tests/ops/test_resample.py tests/ops/test_attention.py tests/test_fast.py tests/test_augment.py}; do
+        timeout ${TEST_FILE_TIMEOUT:-150} python -m pytest -q -m gpu -p no:cacheprovider "$f" -rfE --tb=short \
+          > "$OUT/tests_$(basename "$f" .py).log" 2>&1
+        rc=$?; say "  $f exit $rc: $(tail -n 1 "$OUT/tests_$(basename "$f" .py).log")"
+        grep -E "^(FAILED|ERROR)" "$OUT/tests_$(basename "$f" .py).log" | head -8 | cut -c1-200 | tee -a "$LOG"
+      done
       ;;
     tests-all)
       say "tests-all: the whole suite on the GPU machine"

@@ -24,7 +24,7 @@ TORCH_LIBRARY(edm_fast, m) {
   // ---- end attention ----
 
   // ---- heun (csrc/heun/) ----
-  // EDM sampler sub-steps on the fp64 state, bit-identical to the Python expressions (see csrc/heun/heun.cu).
+  // EDM sampler sub-steps on the fp64 state, bit-identical to the Python expressions (see csrc/heun/heun_kernels.cu).
   m.def("heun_euler(Tensor x_hat, Tensor denoised, float t_hat, float t_next) -> Tensor");
   m.def("heun_correct(Tensor x_hat, Tensor x_next, Tensor denoised, Tensor denoised_next, float t_hat, "
         "float t_next) -> Tensor");

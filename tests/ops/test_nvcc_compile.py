@@ -78,3 +78,12 @@ def test_cpp_compiles(source):
 
 def test_python_headers_match_interpreter():
     assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')), sys.version
+
+
+def test_source_names_are_unique():
+    """setup.py's build names each object after its source's stem: x.cu and x.cpp would collide (ninja refuses)."""
+    stems = {}
+    for path in CU + CPP:
+        stem = os.path.splitext(os.path.relpath(path, CSRC))[0]
+        assert stem not in stems, f'{os.path.relpath(path, REPO)} and {os.path.relpath(stems[stem], REPO)} build the same object'
+        stems[stem] = path

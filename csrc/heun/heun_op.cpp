@@ -1,15 +1,16 @@
 // CUDA implementations of edm_fast::heun_euler / heun_correct (schemas in csrc/registration.cpp).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
 
 namespace edm_fast {
-void heun_euler_launch(const at::TensorBase& x_hat, const at::TensorBase& denoised, const at::TensorBase& x_next,
-                       double t_hat, double t_next);
-void heun_correct_launch(const at::TensorBase& x_hat, const at::TensorBase& x_next, const at::TensorBase& denoised,
-                         const at::TensorBase& denoised_next, const at::TensorBase& out, double t_hat, double t_next);
+void heun_euler_launch(const double* x_hat, const void* denoised, int dtype, double* x_next, double t_hat,
+                       double t_next, int64_t n, cudaStream_t stream);
+void heun_correct_launch(const double* x_hat, const double* x_next, const void* denoised, const void* denoised_next,
+                         int dtype, double* out, double t_hat, double t_next, int64_t n, cudaStream_t stream);
 
 namespace {
 
@@ -26,12 +27,23 @@ void check_denoised(const at::Tensor& d, const at::Tensor& x, const char* name) 
   TORCH_CHECK(d.sizes() == x.sizes(), name, " must have the shape of x_hat");
 }
 
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    default: TORCH_CHECK(false, "denoised must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
 at::Tensor heun_euler_cuda(const at::Tensor& x_hat, const at::Tensor& denoised, double t_hat, double t_next) {
   check_state(x_hat, "x_hat");
   check_denoised(denoised, x_hat, "denoised");
   c10::cuda::CUDAGuard guard(x_hat.device());
   at::Tensor x_next = at::empty_like(x_hat);
-  heun_euler_launch(x_hat, denoised, x_next, t_hat, t_next);
+  heun_euler_launch(x_hat.const_data_ptr<double>(), denoised.const_data_ptr(), dtype_code(denoised),
+                    x_next.mutable_data_ptr<double>(), t_hat, t_next, x_hat.numel(),
+                    c10::cuda::getCurrentCUDAStream().stream());
   return x_next;
 }
 
@@ -44,7 +56,9 @@ at::Tensor heun_correct_cuda(const at::Tensor& x_hat, const at::Tensor& x_next, 
   TORCH_CHECK(denoised.scalar_type() == denoised_next.scalar_type(), "denoised and denoised_next must share a dtype");
   c10::cuda::CUDAGuard guard(x_hat.device());
   at::Tensor out = at::empty_like(x_hat);
-  heun_correct_launch(x_hat, x_next, denoised, denoised_next, out, t_hat, t_next);
+  heun_correct_launch(x_hat.const_data_ptr<double>(), x_next.const_data_ptr<double>(), denoised.const_data_ptr(),
+                      denoised_next.const_data_ptr(), dtype_code(denoised), out.mutable_data_ptr<double>(), t_hat, t_next,
+                      x_hat.numel(), c10::cuda::getCurrentCUDAStream().stream());
   return out;
 }
 

@@ -35,9 +35,11 @@ def run_case(model, net, provider, batch, mode, flops, warmup, repeats):
 
             def step():
                 loss_fn(fn, images, labels).sum().backward()
-        torch.cuda.reset_peak_memory_stats()
-        t = harness.time_fn(step, warmup=warmup, repeats=repeats)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        cuda = models.DEVICE == 'cuda'
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t = harness.time_fn(step, warmup=warmup, repeats=repeats, device=models.DEVICE)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')
     ips = batch / (t['median_ms'] / 1e3)
     tflops = flops * ips / 1e12
     case = f'{model}/{mode}/b{batch}'
@@ -90,7 +92,8 @@ def main(argv=None):
     p.add_argument('--out', default=None)
     args = p.parse_args(argv)
     warmup, repeats = (3, 10) if args.quick else (5, 30)
-    default_batches = {'ddpmpp-cifar10': [512, 128], 'ncsnpp-cifar10': [512], 'ddpmpp-64': [256], 'adm-imagenet64': [64, 256]}
+    default_batches = {'ddpmpp-cifar10': [512, 128], 'ncsnpp-cifar10': [512], 'ddpmpp-64': [256], 'adm-imagenet64': [64, 256],
+                       'tiny': [4]}
     records = []
     for model in args.models.split(','):
         net = models.build(model)
@@ -112,7 +115,8 @@ def main(argv=None):
                         records.append(harness.record('model', f'{model}/{mode}/b{batch}', provider, 'error', None, '',
                                                       error=f'{type(e).__name__}: {e}'[:500]))
                     gc.collect()
-                    torch.cuda.empty_cache()
+                    if models.DEVICE == 'cuda':
+                        torch.cuda.empty_cache()
         if args.profile:
             try:
                 records += profile_fast(model, net, default_batches[model][0])

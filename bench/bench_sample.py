@@ -26,11 +26,12 @@ def time_sampling(net, denoiser, seeds, batch, kwargs, backend):
         warm = dict(kwargs, num_steps=min(kwargs['num_steps'], 4))
         for _ in generate.generate_images(net, seeds[:batch], max_batch_size=batch, denoiser=denoiser, **warm):
             pass
-        torch.cuda.synchronize()
+        sync = torch.cuda.synchronize if models.DEVICE == 'cuda' else (lambda: None)
+        sync()
         t0 = time.perf_counter()
         for b in generate.generate_images(net, seeds, max_batch_size=batch, denoiser=denoiser, **kwargs):
             pass
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - t0
 
 
@@ -43,7 +44,7 @@ def main(argv=None):
     p.add_argument('--providers', default='reference,fast')
     p.add_argument('--out', default=None)
     args = p.parse_args(argv)
-    default_batch = {'ddpmpp-cifar10': 512, 'ncsnpp-cifar10': 512, 'ddpmpp-64': 256, 'adm-imagenet64': 256}
+    default_batch = {'ddpmpp-cifar10': 512, 'ncsnpp-cifar10': 512, 'ddpmpp-64': 256, 'adm-imagenet64': 256, 'tiny': 4}
     records = []
     for model in args.models.split(','):
         net = models.build(model).eval().requires_grad_(False)
@@ -60,7 +61,7 @@ def main(argv=None):
                     ref = models.configure(net, 'reference-fp16' if model == 'adm-imagenet64' else 'reference')[0]
                     seconds = time_sampling(ref, None, seeds, batch, kwargs, 'reference')
                 else:
-                    fast = FastDenoiser(net, dtype='fp16')
+                    fast = FastDenoiser(net, dtype='fp16', compile=models.DEVICE == 'cuda')
                     seconds = time_sampling(net, fast, seeds, batch, kwargs, None)
                 per_image_s = seconds / len(seeds) * (paper_nfe / nfe)  # scaled to the paper NFE
                 extra = dict(model=model, batch=batch, paper_nfe=paper_nfe, timed_nfe=nfe, timed_images=len(seeds),
@@ -71,7 +72,8 @@ def main(argv=None):
             except Exception as e:
                 traceback.print_exc()
                 records.append(harness.record('sample', case, provider, 'error', None, '', error=f'{type(e).__name__}: {e}'[:500]))
-            torch.cuda.empty_cache()
+            if models.DEVICE == 'cuda':
+                torch.cuda.empty_cache()
     base = {r['case']: r['value'] for r in records if r['provider'] == 'reference' and r['metric'] == 'images_per_s'}
     records += [harness.record('sample', r['case'], r['provider'], 'speedup_vs_reference', r['value'] / base[r['case']], 'x')
                 for r in list(records) if r['metric'] == 'images_per_s' and r['case'] in base and r['value']]

@@ -15,7 +15,11 @@ import torch
 
 from edm_fast import presets
 
+# Where the model benchmarks run; EDM_FAST_BENCH_DEVICE=cpu (with the 'tiny' model) smoke-tests them without a GPU.
+DEVICE = os.environ.get('EDM_FAST_BENCH_DEVICE', 'cuda')
+
 MODELS = {
+    'tiny': 'edm-cifar10-32x32-cond-vp',  # shrunk in build(): 32 channels at 16x16, for smoke tests
     'ddpmpp-cifar10': 'edm-cifar10-32x32-cond-vp',
     'ncsnpp-cifar10': 'edm-cifar10-32x32-cond-ve',
     'ddpmpp-64': 'edm-ffhq-64x64-uncond-vp',
@@ -27,14 +31,16 @@ SAMPLING = {
     'ncsnpp-cifar10': dict(num_steps=18),
     'ddpmpp-64': dict(num_steps=40),
     'adm-imagenet64': dict(num_steps=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003),
+    'tiny': dict(num_steps=18),
 }
 PROVIDERS = ('reference', 'reference-fp16', 'reference-compiled', 'fast-fp16', 'fast-bf16')
 
 
-def build(model, device='cuda', seed=0):
+def build(model, device=None, seed=0):
     """The preset network with random weights (official init zeroes some paths; those get small noise)."""
     torch.manual_seed(seed)
-    net = presets.build(presets.official_config(MODELS[model])).to(device)
+    overrides = dict(model_channels=32, channel_mult=[1, 2], img_resolution=16) if model == 'tiny' else {}
+    net = presets.build(presets.official_config(MODELS[model]), **overrides).to(device or DEVICE)
     with torch.no_grad():
         for p in net.parameters():
             if p.abs().max() < 1e-4:
@@ -77,7 +83,8 @@ def configure(net, provider):
     raise ValueError(f'unknown provider {provider!r}; expected one of {PROVIDERS}')
 
 
-def inputs(net, batch, device='cuda', channels_last=False, seed=1):
+def inputs(net, batch, device=None, channels_last=False, seed=1):
+    device = device or DEVICE
     g = torch.Generator(device).manual_seed(seed)
     x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device, generator=g)
     if channels_last:
@@ -88,7 +95,7 @@ def inputs(net, batch, device='cuda', channels_last=False, seed=1):
     return x, sigma, labels
 
 
-def count_flops(net, device='cuda', train=False):
+def count_flops(net, device=None, train=False):
     """Model FLOPs per image (forward, or forward+backward), counted by torch's FlopCounterMode at batch 2."""
     from torch.utils.flop_counter import FlopCounterMode
     net = copy.deepcopy(net).train(train)

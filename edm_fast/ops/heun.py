@@ -11,12 +11,20 @@ from .. import _ext
 from . import dispatch
 
 
+def _t(t, x):
+    # 0-d float64 tensors on x's device, as the sampler passes them: on CUDA, dividing by a Python float would be
+    # a multiplication by its reciprocal (a different rounding); a device tensor divides exactly, as the kernel.
+    return t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64, device=x.device)
+
+
 def _reference_euler(x_hat, denoised, t_hat, t_next):
+    t_hat, t_next = _t(t_hat, x_hat), _t(t_next, x_hat)
     d_cur = (x_hat - denoised.to(torch.float64)) / t_hat
     return x_hat + (t_next - t_hat) * d_cur
 
 
 def _reference_correct(x_hat, x_next, denoised, denoised_next, t_hat, t_next):
+    t_hat, t_next = _t(t_hat, x_hat), _t(t_next, x_hat)
     d_cur = (x_hat - denoised.to(torch.float64)) / t_hat
     d_prime = (x_next - denoised_next.to(torch.float64)) / t_next
     return x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)

@@ -98,8 +98,10 @@ def main(argv=None):
     for model in args.models.split(','):
         net = models.build(model)
         flops = {m: models.count_flops(net, train=(m == 'train')) for m in args.modes.split(',')}
-        for m, f in flops.items():
-            records.append(harness.record('model', f'{model}/{m}', 'count', 'gflops_per_image', f / 1e9, 'GFLOP'))
+        counts = [harness.record('model', f'{model}/{m}', 'count', 'gflops_per_image', f / 1e9, 'GFLOP')
+                  for m, f in flops.items()]
+        records += counts
+        harness.write_results(counts, 'model', args.out)
         batches = [int(b) for b in args.batches.split(',')] if args.batches else default_batches[model]
         if args.quick:
             batches = batches[:1]
@@ -109,28 +111,34 @@ def main(argv=None):
                     if provider == 'reference-fp16' and model != 'adm-imagenet64':
                         continue  # NVlabs trains only ADM in fp16
                     try:
-                        records += run_case(model, net, provider, batch, mode, flops[mode], warmup, repeats)
+                        case_records = run_case(model, net, provider, batch, mode, flops[mode], warmup, repeats)
                     except Exception as e:  # record and go on: one provider must not sink the run
                         traceback.print_exc()
-                        records.append(harness.record('model', f'{model}/{mode}/b{batch}', provider, 'error', None, '',
-                                                      error=f'{type(e).__name__}: {e}'[:500]))
+                        case_records = [harness.record('model', f'{model}/{mode}/b{batch}', provider, 'error', None, '',
+                                                       error=f'{type(e).__name__}: {e}'[:500])]
+                    records += case_records
+                    harness.write_results(case_records, 'model', args.out)  # kept even if a later case times out
+                    harness.print_table(case_records)
                     gc.collect()
                     if models.DEVICE == 'cuda':
                         torch.cuda.empty_cache()
         if args.profile:
             try:
-                records += profile_fast(model, net, default_batches[model][0])
+                prof = profile_fast(model, net, default_batches[model][0])
             except Exception as e:
-                records.append(harness.record('model_profile', model, 'fast-bf16', 'error', None, '', error=str(e)[:500]))
+                prof = [harness.record('model_profile', model, 'fast-bf16', 'error', None, '', error=str(e)[:500])]
+            records += prof
+            harness.write_results(prof, 'model', args.out)
         del net
     # Speed-ups over the NVlabs-style reference of the same case, measured in this run.
     base = {r['case']: r['value'] for r in records if r['provider'] == 'reference' and r['metric'] == 'images_per_s'}
     if any(r['provider'] == 'reference-fp16' for r in records):
         base.update({r['case']: r['value'] for r in records
                      if r['provider'] == 'reference-fp16' and r['metric'] == 'images_per_s' and 'adm' in r['case']})
-    records += [harness.record('model', r['case'], r['provider'], 'speedup_vs_reference', r['value'] / base[r['case']], 'x')
+    speedups = [harness.record('model', r['case'], r['provider'], 'speedup_vs_reference', r['value'] / base[r['case']], 'x')
                 for r in list(records) if r['metric'] == 'images_per_s' and r['case'] in base and r['value']]
-    path = harness.write_results(records, 'model', args.out)
+    records += speedups
+    path = harness.write_results(speedups, 'model', args.out)
     harness.print_table([r for r in records if r['metric'] in ('images_per_s', 'mfu', 'speedup_vs_reference', 'error')])
     print(f'results: {path}')
 

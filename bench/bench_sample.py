@@ -66,18 +66,23 @@ def main(argv=None):
                 per_image_s = seconds / len(seeds) * (paper_nfe / nfe)  # scaled to the paper NFE
                 extra = dict(model=model, batch=batch, paper_nfe=paper_nfe, timed_nfe=nfe, timed_images=len(seeds),
                              extrapolated=nfe != paper_nfe)
-                records += [harness.record('sample', case, provider, 'images_per_s', 1 / per_image_s, 'img/s', **extra),
-                            harness.record('sample', case, provider, 'minutes_per_50k', 50000 * per_image_s / 60, 'min',
-                                           **extra)]
+                case_records = [harness.record('sample', case, provider, 'images_per_s', 1 / per_image_s, 'img/s', **extra),
+                                harness.record('sample', case, provider, 'minutes_per_50k', 50000 * per_image_s / 60,
+                                               'min', **extra)]
             except Exception as e:
                 traceback.print_exc()
-                records.append(harness.record('sample', case, provider, 'error', None, '', error=f'{type(e).__name__}: {e}'[:500]))
+                case_records = [harness.record('sample', case, provider, 'error', None, '',
+                                               error=f'{type(e).__name__}: {e}'[:500])]
+            records += case_records
+            harness.write_results(case_records, 'sample', args.out)  # kept even if a later case times out
+            harness.print_table(case_records)
             if models.DEVICE == 'cuda':
                 torch.cuda.empty_cache()
     base = {r['case']: r['value'] for r in records if r['provider'] == 'reference' and r['metric'] == 'images_per_s'}
-    records += [harness.record('sample', r['case'], r['provider'], 'speedup_vs_reference', r['value'] / base[r['case']], 'x')
+    speedups = [harness.record('sample', r['case'], r['provider'], 'speedup_vs_reference', r['value'] / base[r['case']], 'x')
                 for r in list(records) if r['metric'] == 'images_per_s' and r['case'] in base and r['value']]
-    path = harness.write_results(records, 'sample', args.out)
+    records += speedups
+    path = harness.write_results(speedups, 'sample', args.out)
     harness.print_table([r for r in records if r['metric'] in ('images_per_s', 'minutes_per_50k', 'speedup_vs_reference', 'error')])
     print(f'results: {path}')
 

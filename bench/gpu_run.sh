@@ -14,7 +14,7 @@ mkdir -p "$OUT/results"
 LOG="$OUT/run.log"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export EDM_FAST_REFERENCE_DIR="$PWD/.gpu_carry/reference" EDM_FAST_RESULTS_DIR="$OUT/results"
-export EDM_FAST_COMMIT=${EDM_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export EDM_FAST_COMMIT=${EDM_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || cat .gpu_carry/COMMIT 2>/dev/null || echo unknown)}
 start=$(date +%s)
 say() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$LOG"; }
 

@@ -183,7 +183,12 @@ dispatch.register('attention', 'sdpa', sdpa_attention, supports=_sdpa_supports)
 if _cuda_ops_available():
     register_op_glue('edm_fast')
     dispatch.register('attention', 'cuda', _cuda_attention, supports=cuda_supports)
-# AUTO ORDER for 'attention' (CUDA tensors; CPU tensors take the reference, see attention()). Provisional: to be
-# set from bench/bench_attention.py results on the H100.
+# AUTO choice for 'attention' on CUDA tensors (CPU tensors take the reference, see attention()), from
+# bench/results/bench_attention.jsonl (H100, fp16 channels-last): the CUDA kernel is fastest up to 256 tokens
+# (ADM 16x16 fwd 0.120 ms vs cuDNN SDPA 0.144, 8x8 0.048 vs 0.090 for efficient), cuDNN SDPA beyond (ADM 32x32
+# fwd 0.50 ms vs 0.65, fwd+bwd 1.95 vs 3.38). Both are 3-9x faster than the NVlabs-style reference.
+CUDA_MAX_TOKENS = 256
 dispatch.set_auto_order('attention', ('cuda', 'sdpa', 'reference'))
+if _cuda_ops_available():
+    dispatch.set_preference('attention', 'cuda', lambda qkv, num_heads, **_: qkv.shape[2] * qkv.shape[3] <= CUDA_MAX_TOKENS)
 dispatch.register('attention_weights', 'reference', reference.attention_weights)

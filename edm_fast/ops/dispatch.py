@@ -25,21 +25,29 @@ BACKENDS = ('reference', 'sdpa', 'triton', 'cuda')
 AUTO_ORDER = ('cuda', 'triton', 'sdpa', 'reference')
 ENV_VAR = 'EDM_FAST_BACKEND'
 
-# op name -> backend name -> (implementation, supports(*args, **kwargs) -> None or reason string)
+# op name -> backend name -> (implementation, supports(*args, **kwargs) -> None or reason string, prefer)
 _registry = collections.defaultdict(dict)
 _counts = collections.Counter()
 _auto_order = {}
 
 
-def register(op, backend, impl, supports=None):
+def register(op, backend, impl, supports=None, prefer=None):
     """Register `impl` as the `backend` implementation of `op`.
 
     `supports(*args, **kwargs)` returns None when the implementation can run on these inputs and a
-    short reason string when it cannot.
+    short reason string when it cannot. `prefer(*args, **kwargs)` (optional) returns False for inputs where
+    `auto` should pass this backend over although it could run them (a benchmark found another faster);
+    an explicit request still runs it.
     """
     if backend not in BACKENDS:
         raise ValueError(f'unknown backend {backend!r}; expected one of {BACKENDS}')
-    _registry[op][backend] = (impl, supports or (lambda *a, **k: None))
+    _registry[op][backend] = (impl, supports or (lambda *a, **k: None), prefer)
+
+
+def set_preference(op, backend, prefer):
+    """Attach or replace the auto-mode preference of an already registered backend."""
+    impl, supports, _ = _registry[op][backend]
+    _registry[op][backend] = (impl, supports, prefer)
 
 
 def set_auto_order(op, order):
@@ -91,8 +99,12 @@ def select(op, backend, *args, **kwargs):
     impls = _registry[op]
     if want == 'auto':
         for name in _auto_order.get(op, AUTO_ORDER):
-            if name in impls and impls[name][1](*args, **kwargs) is None:
-                return _chosen(op, name, impls[name][0])
+            if name not in impls or impls[name][1](*args, **kwargs) is not None:
+                continue
+            prefer = impls[name][2]
+            if prefer is not None and not prefer(*args, **kwargs):
+                continue
+            return _chosen(op, name, impls[name][0])
         raise RuntimeError(f'edm_fast.ops.{op}: no backend supports these inputs')
     if want not in BACKENDS:
         raise ValueError(f'edm_fast.ops.{op}: unknown backend {want!r}; expected auto or one of {BACKENDS}')

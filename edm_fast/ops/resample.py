@@ -143,6 +143,8 @@ def _triton_resample(x, filter, *, up=1, down=1, padding=0):
 if _TRITON:
     dispatch.register('resample', 'triton', _triton_resample, _triton_supports)
 
-# ---- auto order: set from bench/bench_resample.py on the H100 (see bench/results/) ----------------------
-# 'triton' first on CUDA until the GPU benchmark says otherwise; CPU tensors fall through to 'reference'.
+# ---- auto order: set from bench/bench_resample.py on the H100 (bench/results/bench_resample.jsonl) ------------
+# Triton is the default on CUDA: over every resampling call of one network pass it took 1.3 ms vs 7.1 ms for the
+# compiled reference (DDPM++ CIFAR-10, batch 512, fp16 channels-last) and 1.9 vs 19.9 ms (NCSN++); 3.3 vs 5.4 ms
+# and 6.8 vs 12.7 ms in fp32 NCHW. CPU tensors fall through to 'reference'.
 dispatch.set_auto_order('resample', ('cuda', 'triton', 'reference'))

@@ -92,3 +92,11 @@ def test_extension_status_is_reported():
     import edm_fast
     if not edm_fast.extension_available():
         assert 'pip install' in edm_fast._ext.reason()
+
+
+def test_auto_preference_passes_a_backend_over(fake_op, monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    dispatch.set_preference('fake', 'triton', lambda x: x < 100)
+    assert fake_op(2) == 'triton'
+    assert fake_op(200) == 'reference'  # auto passes triton over for large inputs
+    assert fake_op(200, backend='triton') == 'triton'  # an explicit request still runs it

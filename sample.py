@@ -83,6 +83,7 @@ def main(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, device
          compile_net, graphs, gnet_path, guidance, vae_path, **sampler_kwargs):
     """Generate images from an EDM network with the EDM sampler (or the ablation sampler when --solver,
     --disc, --schedule or --scaling is given), one PNG per seed named as NVlabs names them."""
+    grid_pad = 0
     if network_path is None:  # the main job on a built-in default: the demo model shipped in the package
         from edm_fast.demo import DEMO_SNAPSHOT
         if not os.path.exists(DEMO_SNAPSHOT):
@@ -90,6 +91,7 @@ def main(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, device
                                      f'pass --network=PATH', param_hint="'--network'")
         network_path = DEMO_SNAPSHOT
         grid_path = grid_path or os.path.join(outdir, 'grid.png')
+        grid_pad = 2  # the demo digits fill their frames: separate the tiles
     rank, world, device = distributed.init_from_env(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     check_outdir(outdir)
     try:
@@ -150,7 +152,7 @@ def main(network_path, outdir, seeds, subdirs, class_idx, max_batch_size, device
             by_seed = {s: (img, lab) for seeds_, imgs, labs in parts for s, img, lab in zip(seeds_, imgs, labs)}
             images = np.stack([by_seed[s][0] for s in seeds])
             if grid_path:
-                image_io.save_png(image_io.make_grid(images), grid_path)
+                image_io.save_png(image_io.make_grid(images, pad=grid_pad, pad_value=96), grid_path)
             if npz_path:
                 labels = np.array([by_seed[s][1] for s in seeds]) if net.label_dim else None
                 image_io.save_npz(npz_path, images, seeds, labels)

@@ -43,15 +43,18 @@ def save_png(image_hwc, path):
     _atomic_write(path, lambda f: to_pil(image_hwc).save(f, format='PNG'))
 
 
-def make_grid(images_nhwc, grid_w=None):
-    """Tile N uint8 [H, W, C] images row-major into one image, grid_w columns (default ceil(sqrt(N)))."""
+def make_grid(images_nhwc, grid_w=None, pad=0, pad_value=0):
+    """Tile N uint8 [H, W, C] images row-major into one image, grid_w columns (default ceil(sqrt(N))),
+    with `pad` pixels of `pad_value` between and around tiles (0: tiles touch, as NVlabs example.py)."""
     images_nhwc = np.asarray(images_nhwc)
     n, h, w, c = images_nhwc.shape
     grid_w = grid_w or max(1, math.ceil(math.sqrt(n)))
     grid_h = math.ceil(n / grid_w)
-    canvas = np.zeros([grid_h * grid_w, h, w, c], dtype=np.uint8)
-    canvas[:n] = images_nhwc
-    return canvas.reshape(grid_h, grid_w, h, w, c).transpose(0, 2, 1, 3, 4).reshape(grid_h * h, grid_w * w, c)
+    canvas = np.full([grid_h * (h + pad) + pad, grid_w * (w + pad) + pad, c], pad_value, dtype=np.uint8)
+    for i in range(n):
+        y, x = pad + (i // grid_w) * (h + pad), pad + (i % grid_w) * (w + pad)
+        canvas[y:y + h, x:x + w] = images_nhwc[i]
+    return canvas
 
 
 def save_npz(path, images_nhwc, seeds, labels=None):

@@ -124,3 +124,16 @@ def test_fast_sampling_images_match_reference(ddpmpp):
     frac_within_2 = (diff <= 2).float().mean().item()
     print(f'fast vs reference uint8: max diff {diff.max().item()}, within 2 levels {frac_within_2:.6f}')
     assert frac_within_2 >= 0.999
+
+
+def test_edm2_network_fast_path():
+    """EDM2 nets go through the same fast path: one graph, and fp32 channels-last images match the reference."""
+    from test_edm2_networks import tiny_net as edm2_net
+    net = edm2_net(img_channels=3).eval().requires_grad_(False)
+    x, s, labels = torch.randn(2, 3, 16, 16), torch.tensor([1.0, 2.0]), torch.eye(5)[:2]
+    explained = torch._dynamo.explain(net)(x, s, labels)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    fast = FastDenoiser(net, dtype='fp32', channels_last=True, compile=False)
+    a = next(generate.generate_images(net, [0, 1, 2], num_steps=4)).images
+    b = next(generate.generate_images(net, [0, 1, 2], num_steps=4, denoiser=fast)).images
+    assert (a.int() - b.int()).abs().max() <= 1

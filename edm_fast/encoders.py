@@ -13,6 +13,7 @@
 Every encoder: encode(x) = encode_latents(encode_pixels(x)); init(device) does any lazy set-up.
 """
 
+import abc
 import os
 
 import numpy as np
@@ -25,23 +26,26 @@ class VAEUnavailableError(RuntimeError):
     """The Stable Diffusion VAE needed to encode pixels or decode latents is not available here."""
 
 
-class Encoder:
+class Encoder(abc.ABC):
     """Base class: encode = encode_latents(encode_pixels(x)); decode maps network outputs to uint8 pixels."""
 
     def init(self, device):
-        pass
+        """Lazy set-up on `device` (nothing by default)."""
 
     def encode(self, x):
         return self.encode_latents(self.encode_pixels(x))
 
+    @abc.abstractmethod
     def encode_pixels(self, x):
-        raise NotImplementedError
+        """uint8 dataset pixels -> the encoder's raw representation."""
 
+    @abc.abstractmethod
     def encode_latents(self, x):
-        raise NotImplementedError
+        """Raw representation -> what the network is trained on."""
 
+    @abc.abstractmethod
     def decode(self, x):
-        raise NotImplementedError
+        """Network output -> uint8 pixels [N, C, H, W]."""
 
     def __repr__(self):
         args = ', '.join(f'{k}={v!r}' for k, v in getattr(self, 'init_kwargs', {}).items())

@@ -56,6 +56,7 @@ from . import distributed, generate, inception
 from .checkpoint import CheckpointError, load_network
 from .dataset import DatasetError, ImageFolderDataset
 from .inception import DetectorError
+from .util import atomic_write
 
 __all__ = ['FIDError', 'FeatureStats', 'frechet_distance', 'load_stats', 'save_stats', 'open_images',
            'calculate_inception_stats', 'generate_inception_stats', 'metric_name', 'main']
@@ -159,15 +160,8 @@ def save_stats(path, mu, sigma):
     path = str(path)
     if not path.endswith('.npz'):
         path += '.npz'
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f'{path}.{os.getpid()}.tmp.npz'
-    try:
-        np.savez(tmp, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, dtype=np.float64),
+                                          sigma=np.asarray(sigma, dtype=np.float64)))
     return path
 
 

@@ -2,32 +2,17 @@
 
 import math
 import os
-import tempfile
 
 import numpy as np
 import PIL.Image
+
+from .util import atomic_write
 
 
 def image_path(outdir, seed, subdirs=False):
     """<outdir>/<seed:06d>.png, or <outdir>/<seed - seed % 1000:06d>/<seed:06d>.png with subdirs (as NVlabs)."""
     folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
     return os.path.join(folder, f'{seed:06d}.png')
-
-
-def _atomic_write(path, write):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def to_pil(image_hwc):
@@ -40,7 +25,7 @@ def to_pil(image_hwc):
 
 def save_png(image_hwc, path):
     """Write one uint8 [H, W, C] image as PNG atomically (a temporary file, then rename)."""
-    _atomic_write(path, lambda f: to_pil(image_hwc).save(f, format='PNG'))
+    atomic_write(path, lambda f: to_pil(image_hwc).save(f, format='PNG'))
 
 
 def make_grid(images_nhwc, grid_w=None, pad=0, pad_value=0):
@@ -62,4 +47,4 @@ def save_npz(path, images_nhwc, seeds, labels=None):
     arrays = dict(arr_0=np.asarray(images_nhwc, dtype=np.uint8), seeds=np.asarray(seeds, dtype=np.int64))
     if labels is not None:
         arrays['labels'] = np.asarray(labels, dtype=np.int64)
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))

@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 
@@ -134,17 +133,7 @@ def save_state(run_dir, *, rank, net, optimizer, ema, cur_nimg, total_elapsed_ti
                      seed=int(seed), network_kwargs_json=json.dumps(util.to_jsonable(network_kwargs), sort_keys=True),
                      net=training_state._cpu_state_dict(net), optimizer=training_state._to_cpu(optimizer.state_dict()),
                      ema=None if ema is None else training_state._to_cpu(ema.state_dict()))
-        fd, tmp = tempfile.mkstemp(prefix='.training-state-', suffix='.tmp', dir=run_dir)
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        util.atomic_write(path, lambda f: torch.save(state, f))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return path

@@ -11,11 +11,12 @@ import glob
 import json
 import os
 import re
-import tempfile
 import warnings
 
 import numpy as np
 import torch
+
+from .util import atomic_write
 
 FORMAT = 'edm_fast.training_state'
 VERSION = 1
@@ -80,17 +81,7 @@ def save(run_dir, *, rank, device, net, ema, optimizer, cur_nimg, cur_tick, tick
                      cur_tick=int(cur_tick), tick_start_nimg=int(tick_start_nimg), elapsed_s=float(elapsed_s),
                      batch_size=int(batch_size), world=int(world), seed=int(seed),
                      network_kwargs_json=json.dumps(network_kwargs, sort_keys=True))
-        fd, tmp = tempfile.mkstemp(prefix='.training-state-', suffix='.tmp', dir=run_dir)
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(path, lambda f: torch.save(state, f))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return path

@@ -154,3 +154,25 @@ def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
         print('  '.join(c + ' ' * (w - len(c)) for c, w in zip(r, widths)).rstrip())
     print()
     return outputs
+
+
+def atomic_write(path, write):
+    """Write a file atomically: `write(f)` fills a temporary file in the same folder (a binary file object),
+    which is fsynced and renamed over `path`. A kill at any moment leaves either the old file or the new one."""
+    import os
+    import tempfile
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from edm_fast import generate
 from edm_fast.checkpoint import load_network, load_snapshot

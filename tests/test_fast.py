@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edm_fast import generate, networks, presets
+from edm_fast import generate, presets
 from edm_fast.fast import FastDenoiser, prepare_training
 from test_generate import tiny_net
 

@@ -43,7 +43,6 @@ import datetime
 import inspect
 import json
 import os
-import re
 import time
 import warnings
 
@@ -52,8 +51,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from . import distributed, generate, inception
-from .checkpoint import CheckpointError, load_network
+from . import cli_options, distributed, generate, inception
 from .dataset import DatasetError, ImageFolderDataset
 from .inception import DetectorError
 from .util import atomic_write
@@ -322,21 +320,6 @@ def generate_inception_stats(net, seeds, detector, max_batch_size=64, class_idx=
 # Command line (NVlabs flags; the sampler flags mirror sample.py's exactly -- tests/test_fid.py checks that).
 
 
-def parse_seeds(ctx, param, value):
-    """'0-63,100,200-210' -> [0, ..., 63, 100, 200, ..., 210] (ranges inclusive); None stays None."""
-    if value is None or isinstance(value, list):
-        return value
-    seeds = []
-    for part in str(value).split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise click.BadParameter(f'{value!r}: expected a comma-separated list of non-negative integers and '
-                                     f'inclusive ranges a-b with a <= b, e.g. 0-63,100,200-210')
-        first = int(m.group(1))
-        seeds.extend(range(first, int(m.group(2)) + 1) if m.group(2) is not None else [first])
-    return seeds
-
-
 def format_seeds(seeds):
     """[0, 1, 2, 5] -> '0-2,5' (inverse of parse_seeds)."""
     parts, i = [], 0
@@ -349,38 +332,8 @@ def format_seeds(seeds):
     return ','.join(parts)
 
 
-SAMPLER_OPTIONS = [  # the same definitions as sample.py (names, types, ranges, defaults, help)
-    click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0)),
-    click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=click.IntRange(min=2), default=18),
-    click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
-    click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
-    click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7),
-    click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0),
-    click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0),
-    click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf'),
-    click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1),
-    click.option('--solver', help='Ablate ODE solver', metavar='euler|heun', type=click.Choice(['euler', 'heun'])),
-    click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm',
-                 type=click.Choice(['vp', 've', 'iddpm', 'edm'])),
-    click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(['vp', 've', 'linear'])),
-    click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none', type=click.Choice(['vp', 'none'])),
-]
-
-FAST_OPTIONS = [  # sample.py's fast-path flags (same definitions): the denoiser it samples with
-    click.option('--fast/--no-fast', help='Fast path: channels-last, reduced precision, compiled, CUDA graphs  [default: on for cuda]',
-                 default=None),
-    click.option('--dtype', help='Compute dtype of the fast path', type=click.Choice(['fp16', 'bf16', 'fp32']), default='fp16'),
-    click.option('--compile/--no-compile', 'compile_net', help='torch.compile the network (fast path)', default=True),
-    click.option('--graphs/--no-graphs', help='Capture CUDA graphs per batch shape (fast path)', default=True),
-]
-
-
-def _apply(options):
-    def decorate(fn):
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-    return decorate
+parse_seeds = cli_options.parse_seeds
+_apply = cli_options.apply
 
 
 DETECTOR_OPTIONS = [
@@ -530,13 +483,13 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, precisi
 @click.option('--num', '--num_images', 'num_expected', help='Number of images to generate and use  [default: the '
               'number of --seeds, else 50000]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)  [default: 0 to num-1]', metavar='LIST', callback=parse_seeds)
-@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64,
-              show_default=True)
+@cli_options.BATCH_OPTION
 @click.option('--overlap/--no-overlap', default=True, show_default=True,
               help='On CUDA, extract features on a side stream while the next batch samples')
-@_apply(SAMPLER_OPTIONS + FAST_OPTIONS + DETECTOR_OPTIONS + RESULT_OPTIONS)
-def gen(network_path, ref_path, num_expected, seeds, max_batch_size, overlap, class_idx, fast, dtype, compile_net, graphs,
-        detector_path, precision, device, out_path, stats_path, **sampler_kwargs):
+@_apply(cli_options.SAMPLER_OPTIONS + cli_options.GUIDANCE_OPTIONS + cli_options.FAST_OPTIONS + DETECTOR_OPTIONS
+        + RESULT_OPTIONS)
+def gen(network_path, ref_path, num_expected, seeds, max_batch_size, overlap, class_idx, gnet_path, guidance, vae_path,
+        fast, dtype, compile_net, graphs, detector_path, precision, device, out_path, stats_path, **sampler_kwargs):
     """Generate images with the sampler flags of sample.py and calculate their FID without writing them."""
     if seeds is None:
         seeds = list(range(num_expected or 50000))
@@ -547,29 +500,13 @@ def gen(network_path, ref_path, num_expected, seeds, max_batch_size, overlap, cl
         raise click.BadParameter(f'FID needs at least 2 images, got {len(seeds)} seed(s)', param_hint="'--seeds'")
     ref_stats = _ref_or_stats(ref_path, stats_path)
     rank, world, device, detector = _setup(device, detector_path, precision)
-    try:
-        net = load_network(network_path, device=device)
-    except (CheckpointError, OSError) as e:
-        _fail(e, "'--network'")
-    try:
-        generate.check_class(net, class_idx)
-    except ValueError as e:
-        _fail(e, "'--class'")
-    denoiser = None
-    if fast if fast is not None else device.type == 'cuda':  # as sample.py decides
-        try:
-            from .fast import FastDenoiser
-        except ImportError as e:
-            if fast:
-                _fail(click.ClickException(f'--fast needs edm_fast.fast ({e}); pass --no-fast'))
-            FastDenoiser = None
-            if rank == 0:
-                click.echo(f'warning: no fast path available ({e}); sampling with the reference network', err=True)
-        if FastDenoiser is not None:
-            denoiser = FastDenoiser(net, dtype=dtype, compile=compile_net, cuda_graphs=graphs)
+    setup = cli_options.load_sampling_setup(network_path, gnet_path, vae_path, class_idx, guidance, sampler_kwargs, device,
+                                            fast, dtype, compile_net, graphs)
+    net, denoiser = setup['net'], setup['denoiser']
     start = time.perf_counter()
     mu, sigma, n = generate_inception_stats(net, seeds, detector, max_batch_size=max_batch_size, class_idx=class_idx,
-                                            overlap=overlap, progress=True, denoiser=denoiser, **sampler_kwargs)
+                                            overlap=overlap, progress=True, denoiser=denoiser, gnet=setup['gnet'],
+                                            guidance=guidance, encoder=setup['encoder'], **sampler_kwargs)
     seconds = time.perf_counter() - start
     if rank == 0:
         sampler = {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v)  # JSON has no inf

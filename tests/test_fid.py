@@ -19,6 +19,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+
+from threads import torch_threads
 from click.testing import CliRunner
 
 from edm_fast import fid, inception
@@ -120,9 +122,10 @@ def test_metric_name_and_seed_formatting():
 def test_gen_accepts_every_sampler_flag_of_sample_py():
     gen = {p.name: p for p in fid.gen.params}
     theirs = {p.name: p for p in sample.main.params}
-    # Every sample.py option is mirrored, except those about writing PNGs (gen writes none) and the seeds, whose
-    # default differs (0 to --num - 1).
-    mirrored = set(theirs) - {'outdir', 'subdirs', 'grid_path', 'npz_path', 'seeds'}
+    # Every sample.py option is mirrored, except those about writing PNGs (gen writes none), the seeds, whose
+    # default differs (0 to --num - 1), and --network, which sample.py may omit (the built-in demo) and gen needs.
+    mirrored = set(theirs) - {'outdir', 'subdirs', 'grid_path', 'npz_path', 'seeds', 'network_path'}
+    assert gen['network_path'].opts == ['--network'] and gen['network_path'].required
     assert {'num_steps', 'S_churn', 'solver', 'discretization', 'class_idx', 'max_batch_size'} <= mirrored
     for name in sorted(mirrored):
         assert name in gen, f'sample.py option {theirs[name].opts} is missing from fid.py gen'
@@ -379,9 +382,10 @@ def gen_setup(tmp_path_factory):
 def gen_result(gen_setup, detector):
     """`fid.py gen` over seeds 0-3 in this process: (results line, stats file)."""
     d = gen_setup['dir']
-    r = invoke('gen', '--network', gen_setup['net'], '--ref', gen_setup['ref'], '--num', 4, '--seeds', '0-3',
-               '--batch', 2, '--device', 'cpu', '--out', d / 'gen.jsonl', '--stats', d / 'gen-stats.npz',
-               *gen_setup['flags'])
+    with torch_threads():  # compared bit-for-bit with 1-thread subprocesses below
+        r = invoke('gen', '--network', gen_setup['net'], '--ref', gen_setup['ref'], '--num', 4, '--seeds', '0-3',
+                   '--batch', 2, '--device', 'cpu', '--out', d / 'gen.jsonl', '--stats', d / 'gen-stats.npz',
+                   *gen_setup['flags'])
     assert r.exit_code == 0, r.output
     lines = (d / 'gen.jsonl').read_text().splitlines()
     assert len(lines) == 1

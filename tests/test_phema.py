@@ -13,6 +13,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+
+from threads import torch_threads
 from click.testing import CliRunner
 
 from edm_fast import checkpoint, dataset_tool, loss_edm2, phema
@@ -75,7 +77,7 @@ def run(tmp_path_factory):
         trajectory.append((cur_nimg, torch.cat([p.detach().flatten().to(torch.float64) for p in self.net.parameters()])))
         return update(self, cur_nimg, batch_size)
 
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, torch_threads():  # as the subprocesses it is compared with
         mp.setattr(phema.PowerFunctionEMA, 'update', recording_update)
         result = tl.training_loop(**config(data, run_dir))
     assert result == dict(cur_nimg=TOTAL, stopped=False)
@@ -280,7 +282,8 @@ def test_sigterm_writes_a_state_and_resume_continues_exactly(run, tmp_path):
     stopped_at = torch.load(run_dir / states[0], weights_only=True)['cur_nimg']
     assert 2048 <= stopped_at < 4096 and stopped_at % BATCH == 0
 
-    tl.training_loop(**cfg)
+    with torch_threads():
+        tl.training_loop(**cfg)
     resumed = torch.load(run_dir / 'training-state-0000004.pt', weights_only=True)
     reference = torch.load(os.path.join(run['run_dir'], 'training-state-0000004.pt'), weights_only=True)
     assert all(torch.equal(resumed['net'][k], v) for k, v in reference['net'].items())

@@ -1,0 +1,120 @@
+"""Command-line options shared by sample.py and fid.py gen, defined once (NVlabs generate.py names and meanings).
+
+Also the loading of the networks those options name, so both commands report the same one-line errors.
+"""
+
+import re
+
+import click
+
+from .checkpoint import CheckpointError, load_network, load_snapshot
+
+
+def parse_seeds(ctx, param, value):
+    """'0-63,100,200-210' -> [0, ..., 63, 100, 200, ..., 210] (ranges inclusive); None stays None."""
+    if value is None or isinstance(value, list):
+        return value
+    seeds = []
+    for part in str(value).split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise click.BadParameter(f'{value!r}: expected a comma-separated list of non-negative integers and '
+                                     f'inclusive ranges a-b with a <= b, e.g. 0-63,100,200-210')
+        first = int(m.group(1))
+        seeds.extend(range(first, int(m.group(2)) + 1) if m.group(2) is not None else [first])
+    return seeds
+
+
+BATCH_OPTION = click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',
+                            type=click.IntRange(min=1), default=64)
+
+SAMPLER_OPTIONS = [
+    click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0)),
+    click.option('--steps', 'num_steps', help='Number of sampling steps  [default: 18 (EDM), 32 (EDM2)]', metavar='INT',
+                 type=click.IntRange(min=2)),
+    click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT',
+                 type=click.FloatRange(min=0, min_open=True)),
+    click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT',
+                 type=click.FloatRange(min=0, min_open=True)),
+    click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7),
+    click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0),
+    click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0),
+    click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf'),
+    click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1),
+    click.option('--solver', help='Ablate ODE solver', metavar='euler|heun', type=click.Choice(['euler', 'heun'])),
+    click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm',
+                 type=click.Choice(['vp', 've', 'iddpm', 'edm'])),
+    click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',
+                 type=click.Choice(['vp', 've', 'linear'])),
+    click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none', type=click.Choice(['vp', 'none'])),
+]
+
+GUIDANCE_OPTIONS = [
+    click.option('--gnet', 'gnet_path', help='EDM2 guiding network: unconditional (CFG) or weaker (autoguidance)',
+                 metavar='PATH'),
+    click.option('--guidance', help='EDM2 guidance strength (1 = off)  [default: 1]', metavar='FLOAT',
+                 type=click.FloatRange(min=0)),
+    click.option('--vae', 'vae_path', help='Local Stable Diffusion VAE (diffusers AutoencoderKL dir) for latent EDM2 nets',
+                 metavar='DIR'),
+]
+
+FAST_OPTIONS = [
+    click.option('--fast/--no-fast', help='Fast path: channels-last, reduced precision, compiled, CUDA graphs  '
+                 '[default: on for cuda]', default=None),
+    click.option('--dtype', help='Compute dtype of the fast path', type=click.Choice(['fp16', 'bf16', 'fp32']),
+                 default='fp16'),
+    click.option('--compile/--no-compile', 'compile_net', help='torch.compile the network (fast path)', default=True),
+    click.option('--graphs/--no-graphs', help='Capture CUDA graphs per batch shape (fast path)', default=True),
+]
+
+
+def apply(options):
+    """Decorator adding click options in the listed order."""
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def load_sampling_setup(network_path, gnet_path, vae_path, class_idx, guidance, sampler_kwargs, device, fast, dtype,
+                        compile_net, graphs):
+    """Load --network (and --gnet), prepare the encoder and the fast path; one-line errors name the flag.
+
+    Returns dict(net, gnet, encoder, denoiser) for generate_images(net, ..., denoiser=, gnet=, encoder=).
+    """
+    from . import generate
+    try:
+        snapshot = load_snapshot(network_path)
+    except (CheckpointError, OSError) as e:
+        raise click.BadParameter(str(e), param_hint="'--network'")
+    net = snapshot['ema'].to(device)
+    encoder = snapshot.get('encoder')
+    if encoder is not None:
+        if vae_path is not None and hasattr(encoder, 'vae_name'):
+            encoder.vae_name = vae_path
+        try:
+            encoder.init(device)
+        except RuntimeError as e:
+            raise click.BadParameter(str(e), param_hint="'--vae'")
+    gnet = None
+    if gnet_path is not None:
+        try:
+            gnet = load_network(gnet_path, device=device)
+        except (CheckpointError, OSError) as e:
+            raise click.BadParameter(str(e), param_hint="'--gnet'")
+    try:
+        generate.check_class(net, class_idx)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--class'")
+    try:
+        generate.sampler_for(net, gnet, guidance, **sampler_kwargs)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    denoiser = None
+    if fast if fast is not None else device.type == 'cuda':
+        from .fast import FastDenoiser
+        denoiser = FastDenoiser(net, dtype=dtype, compile=compile_net, cuda_graphs=graphs)
+        if gnet is not None:
+            gnet = FastDenoiser(gnet, dtype=dtype, compile=compile_net, cuda_graphs=graphs)
+    return dict(net=net, gnet=gnet, encoder=encoder, denoiser=denoiser)

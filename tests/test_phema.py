@@ -234,7 +234,7 @@ def test_resume_after_kill_is_exact(run, tmp_path):
 
     steps = []  # a resume that silently restarted from 0 would reproduce the reference too: count the steps
     update = phema.PowerFunctionEMA.update
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, torch_threads():  # the thread count of the runs it is compared with
         mp.setattr(phema.PowerFunctionEMA, 'update', lambda self, cur_nimg, batch_size: (
             steps.append(cur_nimg), update(self, cur_nimg, batch_size)))
         result = tl.training_loop(**cfg)

@@ -378,14 +378,21 @@ def gen_setup(tmp_path_factory):
     return dict(dir=d, net=net_path, ref=ref_path, mu_ref=mu_ref, flags=flags)
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Statistics are compared bit for bit across in-process runs and 1-thread subprocesses: CPU reductions
+    depend on the thread count, so every in-process run here uses the subprocesses' one thread."""
+    with torch_threads():
+        yield
+
+
 @pytest.fixture(scope='module')
 def gen_result(gen_setup, detector):
     """`fid.py gen` over seeds 0-3 in this process: (results line, stats file)."""
     d = gen_setup['dir']
-    with torch_threads():  # compared bit-for-bit with 1-thread subprocesses below
-        r = invoke('gen', '--network', gen_setup['net'], '--ref', gen_setup['ref'], '--num', 4, '--seeds', '0-3',
-                   '--batch', 2, '--device', 'cpu', '--out', d / 'gen.jsonl', '--stats', d / 'gen-stats.npz',
-                   *gen_setup['flags'])
+    r = invoke('gen', '--network', gen_setup['net'], '--ref', gen_setup['ref'], '--num', 4, '--seeds', '0-3',
+               '--batch', 2, '--device', 'cpu', '--out', d / 'gen.jsonl', '--stats', d / 'gen-stats.npz',
+               *gen_setup['flags'])
     assert r.exit_code == 0, r.output
     lines = (d / 'gen.jsonl').read_text().splitlines()
     assert len(lines) == 1

@@ -6,7 +6,6 @@ precision plus one ulp of the output's magnitude. GPU tests run the preset netwo
 shapes at batch 512.
 """
 
-import collections
 import importlib
 import os
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 import refvec
-from edm_fast import networks, ops, presets
+from edm_fast import ops
 from edm_fast.ops import dispatch
 
 pytest.importorskip('triton')
@@ -342,30 +341,10 @@ def test_dispatch_records_which_backend_ran(monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # GPU: the preset networks' resampling shapes at batch 512, fp16/bf16/fp32, both layouts.
 
+from bench.bench_resample import preset_resample_calls  # noqa: E402  (one tracer for tests and bench)
+
 GPU_PRESETS = ['edm-cifar10-32x32-cond-vp', 'edm-cifar10-32x32-cond-ve', 'edm-ffhq-64x64-uncond-vp',
                'edm-ffhq-64x64-uncond-ve', 'edm-imagenet-64x64-cond-adm']
-
-
-def preset_resample_calls(name, batch):
-    """Counter of (shape, L, up, down, padding) over one forward of a preset network (run on 'meta')."""
-    calls = collections.Counter()
-    original = networks.ops.resample
-
-    def record(x, f, *, up=1, down=1, padding=0, backend=None):
-        calls[((batch,) + tuple(x.shape[1:]), f.shape[-1], up, down, padding)] += 1
-        return original(x, f, up=up, down=down, padding=padding, backend=backend)
-
-    cfg = presets.official_config(name)
-    networks.ops.resample = record
-    try:
-        with torch.device('meta'):
-            net = presets.build(cfg)
-            res = cfg['img_resolution']
-            labels = torch.zeros(1, cfg['label_dim']) if cfg['label_dim'] else None
-            net(torch.zeros(1, cfg['img_channels'], res, res), torch.ones(1), labels)
-    finally:
-        networks.ops.resample = original
-    return calls
 
 
 def test_preset_shapes_are_found():

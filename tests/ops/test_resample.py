@@ -20,7 +20,7 @@ pytest.importorskip('triton')
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
 if not CUDA and os.environ.get('TRITON_INTERPRET') != '1':
-    pytest.skip('no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before Triton is imported)',
+    pytest.skip('no GPU and TRITON_INTERPRET is not 1 (conftest.py sets it before Triton is imported)',
                 allow_module_level=True)
 kernels = importlib.import_module('edm_fast.ops.triton.resample')
 

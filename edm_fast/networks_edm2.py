@@ -8,8 +8,8 @@ one to one. There are no biases anywhere; every MPConv weight is normalised at u
 Numerics follow NVlabs: norms in fp32, forced weight normalisation of the stored parameters in training
 mode, attention with pixel-normalised q/k/v and softmax in the I/O dtype, clipping of block outputs to
 ±clip_act. Parameters stay fp32 and are cast to the activation dtype at use. Resampling goes through
-`edm_fast.ops.resample` (fast backends on GPUs); attention lives in the one small function `attention`
-below so a fused kernel can replace it.
+`edm_fast.ops.resample` and attention through `edm_fast.ops.mp_attention` (fast backends on GPUs; the
+reference backend keeps the NVlabs numbers).
 """
 
 import math
@@ -25,17 +25,7 @@ from .util import record_init_kwargs
 # Magnitude-preserving primitives.
 
 
-def normalize(x, dim=None, eps=1e-4):
-    """x / (eps + RMS(x)) over `dim` (default: every dim but the first), the norm taken in fp32.
-
-    x: any float tensor; returns x.dtype. eps is added to the RMS, not inside a square root. Pixel norm is
-    normalize(x, dim=1); weight normalisation per output channel is the default.
-    """
-    if dim is None:
-        dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
-    return x / norm.to(x.dtype)
+normalize = ops.mp_normalize  # NVlabs name; defined with the ops so the attention backends share it
 
 
 _FILTERS = {}
@@ -94,18 +84,8 @@ def mp_cat(a, b, dim=1, t=0.5):
 
 
 def attention(qkv, num_heads):
-    """EDM2 self-attention from the qkv conv output: [N, 3C, H, W] -> [N, C, H, W] (head-major channels).
-
-    q/k/v are interleaved per channel inside each head (view [N, heads, C/heads, 3, HW]); each is
-    pixel-normalised over its C/heads channels; weights softmax_k(q.k / sqrt(C/heads)) are computed in the
-    I/O dtype (no fp32 upcast, unlike EDM). Kept in one function so a fused kernel can replace it.
-    """
-    n, _, h, w = qkv.shape
-    y = qkv.reshape(n, num_heads, -1, 3, h * w)
-    q, k, v = normalize(y, dim=2).unbind(3)
-    weights = torch.einsum('nhcq,nhck->nhqk', q, k / math.sqrt(q.shape[2])).softmax(dim=3)
-    y = torch.einsum('nhqk,nhck->nhcq', weights, v)
-    return y.reshape(n, -1, h, w)
+    """EDM2 self-attention from the qkv conv output: [N, 3C, H, W] -> [N, C, H, W] (see edm_fast.ops.mp_attention)."""
+    return ops.mp_attention(qkv, num_heads)
 
 # ----------------------------------------------------------------------------------------------------
 # Layers.

@@ -6,10 +6,11 @@ from .attention import attention, attention_weights
 from .dispatch import backend_counts, implementations, record_backends
 from .group_norm import group_norm
 from .heun import heun_correct, heun_euler
-from .reference import conv2d, linear
+from .mp_attention import mp_attention
+from .reference import conv2d, linear, mp_normalize
 from .resample import resample
 
 silu = _F.silu
 
 __all__ = ['attention', 'attention_weights', 'backend_counts', 'conv2d', 'group_norm', 'heun_correct', 'heun_euler', 'implementations',
-           'linear', 'record_backends', 'resample', 'silu']
+           'linear', 'mp_attention', 'mp_normalize', 'record_backends', 'resample', 'silu']

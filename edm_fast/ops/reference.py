@@ -5,6 +5,8 @@ same order and dtype, so the reference backend reproduces the official numbers (
 ../shared/spec/EDM_REFERENCE.md §1 and the test vectors). Fast backends are checked against these.
 """
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -105,3 +107,40 @@ def attention(qkv, num_heads):
     w = AttentionOp.apply(q, k)
     a = torch.einsum('nqk,nck->ncq', w, v)
     return a.reshape(n, c, h, w_)
+
+
+# ---- EDM2 (magnitude-preserving networks, spec §10.1) -------------------------------------------------------
+
+def mp_normalize(x, dim=None, eps=1e-4):
+    """x / (eps + RMS(x)) over `dim` (default: every dim but the first), the norm taken in fp32.
+
+    x: any float tensor; returns x.dtype. eps is added to the RMS, not inside a square root. Pixel norm is
+    mp_normalize(x, dim=1); weight normalisation per output channel is the default (NVlabs edm2 `normalize`).
+    """
+    if dim is None:
+        dim = list(range(1, x.ndim))
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
+    return x / norm.to(x.dtype)
+
+
+def mp_normalize_qkv(qkv, num_heads):
+    """Pixel norm of each of q, k and v over the C/heads channels of its head; same shape, strides and dtype."""
+    n, c3, h, w = qkv.shape
+    y = mp_normalize(qkv.reshape(n, num_heads, -1, 3, h * w), dim=2)
+    return y.reshape(n, c3, h, w)
+
+
+def mp_attention(qkv, num_heads):
+    """EDM2 self-attention from the qkv conv output: [N, 3C, H, W] -> [N, C, H, W] (head-major channels).
+
+    q/k/v are interleaved per channel inside each head (view [N, heads, C/heads, 3, HW]); each is
+    pixel-normalised over its C/heads channels; weights softmax_k(q.k / sqrt(C/heads)) are computed in the
+    I/O dtype (no fp32 upcast, unlike EDM's `attention`).
+    """
+    n, _, h, w = qkv.shape
+    y = qkv.reshape(n, num_heads, -1, 3, h * w)
+    q, k, v = mp_normalize(y, dim=2).unbind(3)
+    weights = torch.einsum('nhcq,nhck->nhqk', q, k / math.sqrt(q.shape[2])).softmax(dim=3)
+    y = torch.einsum('nhqk,nhck->nhcq', weights, v)
+    return y.reshape(n, -1, h, w)

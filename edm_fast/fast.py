@@ -3,7 +3,8 @@
 `FastDenoiser(net, ...)` is a drop-in denoiser for the samplers (edm_fast.generate.generate_images(denoiser=...)):
 it keeps a private inference copy of the network (the caller's module and its fp32 state dict are untouched),
 selects the compute dtype at run time (parameters stay fp32 and are cast at use, as NVlabs does), converts to
-channels-last, compiles with `fullgraph=True`, and on CUDA captures one CUDA graph per batch shape.
+channels-last, precomputes EDM2's normalised weights, compiles with `fullgraph=True`, and on CUDA captures one
+CUDA graph per batch shape.
 `prepare_training(net, ...)` applies the same settings to a network that is being trained and returns the
 callable the loss should use.
 """
@@ -46,6 +47,7 @@ class FastDenoiser:
         self.cuda_graphs = cuda_graphs
         self.warmup = warmup
         self.graphs = {}
+        self.frozen = False
         for name in ('sigma_min', 'sigma_max', 'round_sigma', 'img_channels', 'img_resolution', 'label_dim'):
             if hasattr(net, name):  # EDM2 networks have no sigma range or round_sigma
                 setattr(self, name, getattr(net, name))
@@ -55,9 +57,21 @@ class FastDenoiser:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.fn(x, sigma, class_labels)
 
+    def _freeze(self, x, sigma, class_labels):
+        """EDM2 nets: precompute the normalised MPConv weights once (networks_edm2.freeze_weights), so the
+        compiled forward does not renormalise every weight per call."""
+        self.frozen = True
+        from .networks_edm2 import MPConv, freeze_weights
+        if any(isinstance(m, MPConv) for m in self.net.modules()):
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            freeze_weights(self.net, x, sigma, class_labels)
+
     @torch.no_grad()
     def __call__(self, x, sigma, class_labels=None):
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        if not self.frozen:
+            self._freeze(x, sigma, class_labels)
         if not (self.cuda_graphs and x.is_cuda):
             return self._call(x, sigma, class_labels)
         key = (tuple(x.shape), x.dtype, tuple(sigma.shape), None if class_labels is None else tuple(class_labels.shape))

@@ -136,6 +136,7 @@ class MPConv(torch.nn.Module):
         super().__init__()
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self.frozen_key = None  # see freeze_weights
 
     def __getstate__(self):
         state = super().__getstate__().copy()
@@ -175,8 +176,21 @@ class MPConv(torch.nn.Module):
         """Drop the eval-mode weight cache (it is also invalidated automatically by any weight change)."""
         self.__dict__.pop('_weight_cache', None)
 
+    def _frozen(self, gain, dtype):
+        """The weight from `freeze_weights` (None when not frozen, in training, or for another dtype/gain)."""
+        frozen = self._buffers.get('frozen_weight')
+        if frozen is None or self.training:
+            return None
+        if self.frozen_key is None:  # normalised fp32 weight; the gain is applied per call, as uncached
+            return (frozen * (gain / np.sqrt(frozen[0].numel()))).to(dtype)
+        if dtype == self.frozen_key[0] and isinstance(gain, (int, float)) and float(gain) == self.frozen_key[1]:
+            return frozen
+        return None
+
     def forward(self, x, gain=1):
-        w = self._cached_weight(gain, x.dtype)
+        w = self._frozen(gain, x.dtype)
+        if w is None:
+            w = self._cached_weight(gain, x.dtype)
         if w is None:
             w = self.weight.to(torch.float32)
             if self.training:
@@ -399,6 +413,56 @@ class Precond(torch.nn.Module):
             logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
             return D_x, logvar
         return D_x
+
+
+def freeze_weights(module, *args, **kwargs):
+    """Precompute every MPConv weight of an inference module as its forward uses it, so compiled code does no
+    weight normalisation per call (the eval-mode cache serves eager calls only); returns `module`.
+
+    One eager forward `module(*args, **kwargs)` (no grad) records each MPConv's input dtype and gain. A conv
+    always called with one dtype and the same number as gain stores the final weight in that dtype (what
+    the uncached path computes, bit for bit); one with a tensor gain (emb_linear, out_conv) or several dtypes
+    stores the normalised fp32 weight and scales and casts it per call, as the uncached path does. The copies
+    are non-persistent buffers (not in the state dict; `.to()` and memory-format changes apply to them). Meant
+    for a private, frozen copy (edm_fast.fast.FastDenoiser does this): a later change of the parameters is not
+    seen until `unfreeze_weights` or another freeze. Training mode ignores them.
+    """
+    convs = [m for m in module.modules() if isinstance(m, MPConv)]
+    unfreeze_weights(module)
+    uses = {m: set() for m in convs}
+
+    def record(m, args, kwargs):
+        gain = kwargs.get('gain', args[1] if len(args) > 1 else 1)
+        number = isinstance(gain, (int, float)) and not isinstance(gain, bool)
+        uses[m].add((args[0].dtype, float(gain) if number else None))
+
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in convs]
+    try:
+        with torch.no_grad():
+            module(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for m in convs:
+            w = normalize(m.weight.to(torch.float32))
+            key = next(iter(uses[m])) if len(uses[m]) == 1 else None
+            if key is not None and key[1] is not None:
+                w = (w * (key[1] / np.sqrt(w[0].numel()))).to(key[0])
+            else:
+                key = None
+            m.register_buffer('frozen_weight', w, persistent=False)
+            m.frozen_key = key
+    return module
+
+
+def unfreeze_weights(module):
+    """Drop the weights stored by `freeze_weights` (MPConv then normalises its parameter again)."""
+    for m in module.modules():
+        if isinstance(m, MPConv) and 'frozen_weight' in m._buffers:
+            del m._buffers['frozen_weight']
+            m.frozen_key = None
+    return module
 
 
 def clear_weight_caches(module):

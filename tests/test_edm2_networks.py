@@ -348,3 +348,53 @@ def test_encoders():
         vae.decode(got)
     with pytest.raises(encoders.VAEUnavailableError, match='cannot download'):
         vae.encode_pixels(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def _count_weight_norms(net, *args):
+    """linalg.vector_norm calls in the traced graph (weight normalisations plus the activation pixel norms)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(net, backend=backend, fullgraph=True)(*args)
+    return sum('vector_norm' in str(n.target) for gm in graphs for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_frozen_weights_are_bit_exact_and_leave_the_graph(dtype):
+    """freeze_weights: eager outputs equal the unfrozen net's exactly and compiled ones are as close as compiling
+    allows; the compiled graph no longer normalises any MPConv weight; unfreeze restores the per-call normalisation."""
+    net = tiny_net(img_channels=3).eval().requires_grad_(False)
+    net.set_compute_dtype(dtype)
+    x, s, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0]), torch.eye(5)[:2]
+    with torch.no_grad():
+        want = net(x, s, labels)
+    convs = sum(isinstance(m, networks_edm2.MPConv) for m in net.modules()) - 1  # logvar_linear: not called
+    before = _count_weight_norms(net, x, s, labels)
+    networks_edm2.freeze_weights(net, x, s, labels)
+    assert not any(k.endswith('frozen_weight') for k in net.state_dict())
+    with torch.no_grad():
+        assert torch.equal(net(x, s, labels), want)
+    assert _count_weight_norms(net, x, s, labels) == before - convs
+    with torch.no_grad():  # compiled: Inductor rounds its own fusions differently; frozen is no further off
+        got = torch.compile(net, fullgraph=True)(x, s, labels)
+        plain = torch.compile(networks_edm2.unfreeze_weights(copy.deepcopy(net)), fullgraph=True)(x, s, labels)
+    err, err_plain = (got - want).abs().max().item(), (plain - want).abs().max().item()
+    assert err <= 2 * err_plain + 4 * torch.finfo(dtype).eps * want.abs().max().item(), (err, err_plain)
+    networks_edm2.unfreeze_weights(net)
+    assert _count_weight_norms(net, x, s, labels) == before
+
+
+def test_frozen_weights_ignored_in_training():
+    net = tiny_net(img_channels=3)
+    x, s, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0]), torch.eye(5)[:2]
+    networks_edm2.freeze_weights(net.eval(), x, s, labels)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.5)  # a change the frozen copies do not see
+    ref = networks_edm2.unfreeze_weights(copy.deepcopy(net))
+    assert torch.equal(net.train()(x, s, labels), ref.train()(x, s, labels))

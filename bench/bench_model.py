@@ -1,6 +1,7 @@
 """Network throughput: forward (sampling) and forward+backward (training) of the preset networks.
 
   python -m bench.bench_model [--models ddpmpp-cifar10,adm-imagenet64] [--batches 64,512] [--quick] [--out DIR]
+  python -m bench.bench_model --models edm2-img64-s          # EDM2-S ImageNet-64 (EDM2Loss for training)
 
 For each model, batch and provider (bench/models.py): images/s, achieved TFLOP/s (model FLOPs counted by
 torch's FlopCounterMode), model-FLOP utilisation against the measured 790 TFLOP/s bf16 ceiling, peak memory,
@@ -16,6 +17,7 @@ import torch
 
 from bench import harness, models
 from edm_fast import loss as loss_module
+from edm_fast import loss_edm2
 
 
 def run_case(model, net, provider, batch, mode, flops, warmup, repeats):
@@ -24,13 +26,15 @@ def run_case(model, net, provider, batch, mode, flops, warmup, repeats):
         x, sigma, labels = models.inputs(module, batch, channels_last=provider.startswith('fast'))
         if mode == 'forward':
             module.eval().requires_grad_(False)
+            if provider.startswith('fast') and models.is_edm2(model):
+                models.freeze_weights(module, x, sigma, labels)  # as FastDenoiser does for inference
 
             def step():
                 with torch.no_grad():
                     fn(x, sigma, labels)
         else:
             module.train().requires_grad_(True)
-            loss_fn = loss_module.EDMLoss()
+            loss_fn = loss_edm2.EDM2Loss(P_mean=-0.8, P_std=1.6) if models.is_edm2(model) else loss_module.EDMLoss()
             images = x.clamp(-1, 1)
 
             def step():
@@ -93,7 +97,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     warmup, repeats = (3, 10) if args.quick else (5, 30)
     default_batches = {'ddpmpp-cifar10': [512, 128], 'ncsnpp-cifar10': [512], 'ddpmpp-64': [256], 'adm-imagenet64': [64, 256],
-                       'tiny': [4]}
+                       'tiny': [4], 'edm2-img64-s': [128], 'edm2-tiny': [4]}
     records = []
     for model in args.models.split(','):
         net = models.build(model)

@@ -1,9 +1,10 @@
 """Sampling throughput at each preset's paper NFE: images/s and the time for 50,000 images (one FID run).
 
   python -m bench.bench_sample [--models ddpmpp-cifar10,adm-imagenet64] [--batch 512] [--quick] [--out DIR]
+  python -m bench.bench_sample --models edm2-img64-s         # EDM2 sampler, 32 steps (NFE 63)
 
 Providers: 'reference' (the NVlabs path: fp32 NCHW eager network, TF32 off, per-seed generators, fp64 Python
-sampler; fp16 U-Net body for ADM as NVlabs runs it) and 'fast' (FastDenoiser: fp16 channels-last compiled
+sampler; fp16 U-Net body for ADM and EDM2 as NVlabs runs them; EDM2: the edm2 sampler, weights renormalised per call) and 'fast' (FastDenoiser: fp16 channels-last compiled
 network in CUDA graphs, the fused Heun kernel, zero-churn draws skipped). Both run edm_fast.generate, so seed
 semantics are identical. Long samplers (ADM: 511 NFE) are timed over --max-steps steps and the per-NFE time is
 extrapolated to the paper NFE; the record says so.
@@ -44,7 +45,8 @@ def main(argv=None):
     p.add_argument('--providers', default='reference,fast')
     p.add_argument('--out', default=None)
     args = p.parse_args(argv)
-    default_batch = {'ddpmpp-cifar10': 512, 'ncsnpp-cifar10': 512, 'ddpmpp-64': 256, 'adm-imagenet64': 256, 'tiny': 4}
+    default_batch = {'ddpmpp-cifar10': 512, 'ncsnpp-cifar10': 512, 'ddpmpp-64': 256, 'adm-imagenet64': 256, 'tiny': 4,
+                     'edm2-img64-s': 256, 'edm2-tiny': 4}
     records = []
     for model in args.models.split(','):
         net = models.build(model).eval().requires_grad_(False)

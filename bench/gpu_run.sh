@@ -2,7 +2,7 @@
 # One script for a lent GPU machine: install, build the CUDA extension, run the GPU tests and the benchmarks,
 # and leave everything under $OUT (at most a few files: logs, a results tarball, the demo snapshot).
 #
-#   bench/gpu_run.sh build tests bench-kernels bench-model bench-sample demo:SECONDS
+#   bench/gpu_run.sh build tests bench-kernels bench-model bench-sample bench-edm2 demo:SECONDS
 #
 # Stages run in the order given; each one logs to $OUT/run.log and a failing stage does not stop the next.
 # `demo:SECONDS` trains the built-in demo model in the background (from the start of the script) for that long.
@@ -87,6 +87,16 @@ for stage in "$@"; do
         --batches 64 --quick --out "$R" > "$OUT/b_m2.log" 2>&1; say "model adm exit $?"
       timeout 90 python -m bench.bench_sample --models ddpmpp-cifar10 --out "$R" > "$OUT/b_s.log" 2>&1; say "sample exit $?"
       for f in b_gn b_rs b_at b_m1 b_m2 b_s; do tail -n 14 "$OUT/$f.log" | tee -a "$LOG"; done
+      ;;
+    bench-edm2)
+      # EDM2-S ImageNet-64: network forward/train and 32-step sampling, NVlabs-style reference vs the fast path.
+      say "bench-edm2"
+      R="$OUT/results"
+      timeout 240 python -m bench.bench_model --models edm2-img64-s --providers reference,fast-bf16,fast-fp16 \
+        --quick --out "$R" > "$OUT/b_e2m.log" 2>&1; say "edm2 model exit $?"
+      timeout 150 python -m bench.bench_sample --models edm2-img64-s --out "$R" > "$OUT/b_e2s.log" 2>&1
+      say "edm2 sample exit $?"
+      for f in b_e2m b_e2s; do tail -n 14 "$OUT/$f.log" | tee -a "$LOG"; done
       ;;
     demo:*) ;;
     *) say "unknown stage $stage" ;;

@@ -5,6 +5,11 @@ Providers (each is what one column of the report means):
   reference-fp16      NVlabs fp16 mode (use_fp16: U-Net body in fp16, NCHW, eager) - how ADM is trained
   reference-compiled  the reference under torch.compile (fp32, NCHW)
   fast-fp16 / fast-bf16  edm_fast: channels-last, reduced precision, fused ops (auto backends), torch.compile
+
+EDM2 models (names starting 'edm2-'): 'reference' is NVlabs edm2 as it runs, i.e. with the preset's use_fp16
+(fp16 U-Net body on CUDA), NCHW, eager, every MPConv weight renormalised per call (no eval-mode cache);
+'reference-fp16' is then the same thing and is skipped. The fast providers also precompute the normalised
+weights (networks_edm2.freeze_weights) for inference, as FastDenoiser does.
 """
 
 import contextlib
@@ -13,7 +18,8 @@ import os
 
 import torch
 
-from edm_fast import presets
+from edm_fast import presets, presets_edm2
+from edm_fast.networks_edm2 import MPConv, freeze_weights
 
 # Where the model benchmarks run; EDM_FAST_BENCH_DEVICE=cpu (with the 'tiny' model) smoke-tests them without a GPU.
 DEVICE = os.environ.get('EDM_FAST_BENCH_DEVICE', 'cuda')
@@ -24,6 +30,8 @@ MODELS = {
     'ncsnpp-cifar10': 'edm-cifar10-32x32-cond-ve',
     'ddpmpp-64': 'edm-ffhq-64x64-uncond-vp',
     'adm-imagenet64': 'edm-imagenet-64x64-cond-adm',
+    'edm2-tiny': 'edm2-img64-xs',  # shrunk in build(): 32 channels at 16x16, for smoke tests
+    'edm2-img64-s': 'edm2-img64-s',
 }
 # Paper NFE of each preset's sampler settings (spec §4.5) and its sampler kwargs.
 SAMPLING = {
@@ -32,15 +40,26 @@ SAMPLING = {
     'ddpmpp-64': dict(num_steps=40),
     'adm-imagenet64': dict(num_steps=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003),
     'tiny': dict(num_steps=18),
+    'edm2-img64-s': dict(num_steps=32),  # EDM2's default: 32 Heun steps, NFE 63
+    'edm2-tiny': dict(num_steps=32),
 }
+
+
+def is_edm2(model):
+    return model.startswith('edm2-')
 PROVIDERS = ('reference', 'reference-fp16', 'reference-compiled', 'fast-fp16', 'fast-bf16')
 
 
 def build(model, device=None, seed=0):
     """The preset network with random weights (official init zeroes some paths; those get small noise)."""
     torch.manual_seed(seed)
-    overrides = dict(model_channels=32, channel_mult=[1, 2], img_resolution=16) if model == 'tiny' else {}
-    net = presets.build(presets.official_config(MODELS[model]), **overrides).to(device or DEVICE)
+    if is_edm2(model):
+        overrides = dict(model_channels=32, channel_mult=[1, 2], img_resolution=16, label_dim=10, num_blocks=1,
+                         attn_resolutions=[8]) if model == 'edm2-tiny' else {}
+        net = presets_edm2.build(MODELS[model], **overrides).to(device or DEVICE)
+    else:
+        overrides = dict(model_channels=32, channel_mult=[1, 2], img_resolution=16) if model == 'tiny' else {}
+        net = presets.build(presets.official_config(MODELS[model]), **overrides).to(device or DEVICE)
     with torch.no_grad():
         for p in net.parameters():
             if p.abs().max() < 1e-4:
@@ -69,6 +88,9 @@ def configure(net, provider):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     net = copy.deepcopy(net)
+    for m in net.modules():
+        if isinstance(m, MPConv):  # NVlabs edm2 renormalises every weight per call
+            m.cache_weights = provider.startswith('fast')
     if provider == 'reference':
         return net, net, 'reference'
     if provider == 'reference-fp16':

@@ -54,6 +54,33 @@ def test_sampler_18_steps(benchmark, tiny_net):
     assert x.dtype == torch.float64 and torch.isfinite(x).all()
 
 
+def test_edm2_network_forward(benchmark):
+    from bench import models
+    net = models.build('edm2-tiny', device='cpu').eval().requires_grad_(False)
+    x, s, labels = models.inputs(net, 8, device='cpu')
+    with torch.no_grad():
+        y = benchmark.pedantic(net, args=(x, s, labels), rounds=5, iterations=1)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize('model', ['tiny', 'edm2-tiny'])
+def test_model_and_sample_benchmarks_run_on_cpu(model, monkeypatch):
+    """The model/sampling benchmark code paths (EDM and EDM2: loss, providers, sampler) at tiny size, uncompiled."""
+    from bench import bench_model, bench_sample, models
+    from edm_fast.fast import FastDenoiser
+    monkeypatch.setattr(models, 'DEVICE', 'cpu')
+    net = models.build(model)
+    for mode in ('forward', 'train'):
+        flops = models.count_flops(net, train=mode == 'train')
+        assert flops > 0
+        records = bench_model.run_case(model, net, 'reference', 2, mode, flops, warmup=1, repeats=2)
+        assert {r['metric'] for r in records} >= {'images_per_s', 'mfu'}
+        assert all(r['value'] > 0 for r in records if r['metric'] == 'images_per_s')
+    net = net.eval().requires_grad_(False)
+    fast = FastDenoiser(net, dtype='bf16', compile=False)
+    assert bench_sample.time_sampling(net, fast, [0, 1], 2, dict(num_steps=3), None) > 0
+
+
 @pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.parametrize('provider', ['reference', 'fast-bf16'])

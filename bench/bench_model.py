@@ -2,6 +2,7 @@
 
   python -m bench.bench_model [--models ddpmpp-cifar10,adm-imagenet64] [--batches 64,512] [--quick] [--out DIR]
   python -m bench.bench_model --models edm2-img64-s          # EDM2-S ImageNet-64 (EDM2Loss for training)
+  python -m bench.bench_model --nvlabs-dir ~/src/edm --nvlabs-dir ~/src/edm2   # also time the official code
 
 For each model, batch and provider (bench/models.py): images/s, achieved TFLOP/s (model FLOPs counted by
 torch's FlopCounterMode), model-FLOP utilisation against the measured 790 TFLOP/s bf16 ceiling, peak memory,
@@ -17,17 +18,17 @@ import torch
 
 from bench import harness, models
 from edm_fast import loss as loss_module
-from edm_fast import loss_edm2
+from edm_fast import loss_edm2, networks_edm2
 
 
-def run_case(model, net, provider, batch, mode, flops, warmup, repeats):
-    module, fn, backend = models.configure(net, provider)
+def run_case(model, net, provider, batch, mode, flops, warmup, repeats, nvlabs_dirs=()):
+    module, fn, backend = models.configure(net, provider, nvlabs_dirs)
     with models.backend_env(backend):
         x, sigma, labels = models.inputs(module, batch, channels_last=provider.startswith('fast'))
         if mode == 'forward':
             module.eval().requires_grad_(False)
             if provider.startswith('fast') and models.is_edm2(model):
-                models.freeze_weights(module, x, sigma, labels)  # as FastDenoiser does for inference
+                networks_edm2.freeze_weights(module, x, sigma, labels)  # as FastDenoiser does for inference
 
             def step():
                 with torch.no_grad():
@@ -93,8 +94,11 @@ def main(argv=None):
     p.add_argument('--providers', default=','.join(models.PROVIDERS))
     p.add_argument('--quick', action='store_true', help='fewer repeats, one batch size per model')
     p.add_argument('--profile', action='store_true')
+    p.add_argument('--nvlabs-dir', action='append', default=[], metavar='PATH',
+                   help='a local checkout of NVlabs edm and/or edm2 (repeat for both): adds the provider nvlabs')
     p.add_argument('--out', default=None)
     args = p.parse_args(argv)
+    providers = args.providers.split(',') + (['nvlabs'] if args.nvlabs_dir and 'nvlabs' not in args.providers else [])
     warmup, repeats = (3, 10) if args.quick else (5, 30)
     default_batches = {'ddpmpp-cifar10': [512, 128], 'ncsnpp-cifar10': [512], 'ddpmpp-64': [256], 'adm-imagenet64': [64, 256],
                        'tiny': [4], 'edm2-img64-s': [128], 'edm2-tiny': [4]}
@@ -111,11 +115,12 @@ def main(argv=None):
             batches = batches[:1]
         for mode in args.modes.split(','):
             for batch in batches:
-                for provider in args.providers.split(','):
+                for provider in providers:
                     if provider == 'reference-fp16' and model != 'adm-imagenet64':
                         continue  # NVlabs trains only ADM in fp16
                     try:
-                        case_records = run_case(model, net, provider, batch, mode, flops[mode], warmup, repeats)
+                        case_records = run_case(model, net, provider, batch, mode, flops[mode], warmup, repeats,
+                                                args.nvlabs_dir)
                     except Exception as e:  # record and go on: one provider must not sink the run
                         traceback.print_exc()
                         case_records = [harness.record('model', f'{model}/{mode}/b{batch}', provider, 'error', None, '',

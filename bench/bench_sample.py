@@ -43,8 +43,11 @@ def main(argv=None):
     p.add_argument('--max-steps', type=int, default=40, help='time at most this many steps and extrapolate')
     p.add_argument('--quick', action='store_true')
     p.add_argument('--providers', default='reference,fast')
+    p.add_argument('--nvlabs-dir', action='append', default=[], metavar='PATH',
+                   help='a local checkout of NVlabs edm and/or edm2 (repeat for both): adds the provider nvlabs')
     p.add_argument('--out', default=None)
     args = p.parse_args(argv)
+    providers = args.providers.split(',') + (['nvlabs'] if args.nvlabs_dir and 'nvlabs' not in args.providers else [])
     default_batch = {'ddpmpp-cifar10': 512, 'ncsnpp-cifar10': 512, 'ddpmpp-64': 256, 'adm-imagenet64': 256, 'tiny': 4,
                      'edm2-img64-s': 256, 'edm2-tiny': 4}
     records = []
@@ -56,10 +59,13 @@ def main(argv=None):
         nfe = sampling.nfe_per_image(**kwargs)
         batch = args.batch or default_batch[model]
         seeds = list(range(batch * (1 if args.quick else 2)))
-        for provider in args.providers.split(','):
+        for provider in providers:
             case = f'{model}/nfe{paper_nfe}/b{batch}'
             try:
-                if provider == 'reference':
+                if provider == 'nvlabs':  # the official network in edm_fast's sampler loop (same seeds, same math)
+                    official = models.configure(net, 'nvlabs', args.nvlabs_dir)[0].eval().requires_grad_(False)
+                    seconds = time_sampling(official, None, seeds, batch, kwargs, 'reference')
+                elif provider == 'reference':
                     ref = models.configure(net, 'reference-fp16' if model == 'adm-imagenet64' else 'reference')[0]
                     seconds = time_sampling(ref, None, seeds, batch, kwargs, 'reference')
                 else:

@@ -6,6 +6,9 @@ Providers (each is what one column of the report means):
   reference-compiled  the reference under torch.compile (fp32, NCHW)
   fast-fp16 / fast-bf16  edm_fast: channels-last, reduced precision, fused ops (auto backends), torch.compile
 
+  nvlabs              the official code itself, from a local checkout given with --nvlabs-dir (the same class
+                      built from the same kwargs, our weights loaded strictly): fp32 NCHW eager, fp16 for ADM
+
 EDM2 models (names starting 'edm2-'): 'reference' is NVlabs edm2 as it runs, i.e. with the preset's use_fp16
 (fp16 U-Net body on CUDA), NCHW, eager, every MPConv weight renormalised per call (no eval-mode cache);
 'reference-fp16' is then the same thing and is skipped. The fast providers also precompute the normalised
@@ -14,12 +17,14 @@ weights (networks_edm2.freeze_weights) for inference, as FastDenoiser does.
 
 import contextlib
 import copy
+import importlib
 import os
+import sys
 
 import torch
 
 from edm_fast import presets, presets_edm2
-from edm_fast.networks_edm2 import MPConv, freeze_weights
+from edm_fast.networks_edm2 import MPConv
 
 # Where the model benchmarks run; EDM_FAST_BENCH_DEVICE=cpu (with the 'tiny' model) smoke-tests them without a GPU.
 DEVICE = os.environ.get('EDM_FAST_BENCH_DEVICE', 'cuda')
@@ -83,10 +88,15 @@ def backend_env(value):
             os.environ['EDM_FAST_BACKEND'] = old
 
 
-def configure(net, provider):
+def configure(net, provider, nvlabs_dirs=()):
     """A copy of `net` set up as `provider` runs it; returns (module, callable, backend env value)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    if provider == 'nvlabs':
+        official = nvlabs_network(net, nvlabs_dirs)
+        if 'DhariwalUNet' in str(net.init_kwargs.get('model_type')):
+            official.use_fp16 = True  # NVlabs trains and samples ADM in fp16
+        return official, official, 'reference'
     net = copy.deepcopy(net)
     for m in net.modules():
         if isinstance(m, MPConv):  # NVlabs edm2 renormalises every weight per call
@@ -103,6 +113,35 @@ def configure(net, provider):
         net.to(memory_format=torch.channels_last)
         return net, torch.compile(net, fullgraph=True, dynamic=False), None
     raise ValueError(f'unknown provider {provider!r}; expected one of {PROVIDERS}')
+
+
+# Top-level packages of the NVlabs edm / edm2 checkouts, dropped from sys.modules when switching checkouts.
+_NVLABS_PACKAGES = ('training', 'torch_utils', 'dnnlib')
+
+
+def nvlabs_network(net, nvlabs_dirs):
+    """`net` rebuilt by the official code of a local NVlabs checkout: edm (training/networks.py) for EDM models,
+    edm2 (training/networks_edm2.py) for EDM2 ones, the first of `nvlabs_dirs` that has the file. The class of the
+    same name gets the same constructor kwargs, and our state dict loads with strict=True (the names are the
+    same). This imports and runs the checkout's code, which the user asked for by naming it."""
+    edm2 = type(net).__module__.endswith('networks_edm2')
+    rel = os.path.join('training', 'networks_edm2.py' if edm2 else 'networks.py')
+    found = [d for d in nvlabs_dirs if os.path.isfile(os.path.join(d, rel))]
+    if not found:
+        raise FileNotFoundError(f'--nvlabs-dir: none of {list(nvlabs_dirs)} has {rel} '
+                                f'(give a checkout of github.com/NVlabs/{"edm2" if edm2 else "edm"})')
+    root = os.path.abspath(found[0])
+    for name in list(sys.modules):
+        if name.split('.')[0] in _NVLABS_PACKAGES:
+            del sys.modules[name]
+    sys.path.insert(0, root)
+    try:
+        module = importlib.import_module('training.networks_edm2' if edm2 else 'training.networks')
+    finally:
+        sys.path.remove(root)
+    official = getattr(module, type(net).__name__)(**copy.deepcopy(net.init_kwargs))
+    official.load_state_dict(net.state_dict(), strict=True)
+    return official.train(net.training).to(next(net.parameters()).device)
 
 
 def inputs(net, batch, device=None, channels_last=False, seed=1):

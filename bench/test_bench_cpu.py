@@ -81,6 +81,44 @@ def test_model_and_sample_benchmarks_run_on_cpu(model, monkeypatch):
     assert bench_sample.time_sampling(net, fast, [0, 1], 2, dict(num_steps=3), None) > 0
 
 
+def _stand_in_checkout(root, edm2):
+    """A directory laid out like an NVlabs checkout whose training/networks*.py re-export edm_fast's classes
+    (no official code is available here; this exercises the --nvlabs-dir plumbing, not the official numbers)."""
+    (root / 'training').mkdir(parents=True)
+    (root / 'training' / '__init__.py').write_text('')
+    if edm2:
+        (root / 'training' / 'networks_edm2.py').write_text('from edm_fast.networks_edm2 import *  # stand-in\n')
+    else:
+        (root / 'training' / 'networks.py').write_text(
+            'from edm_fast.networks import *  # stand-in\nfrom edm_fast.preconditioners import *\n')
+    return str(root)
+
+
+def test_nvlabs_dir_provider(tmp_path, monkeypatch):
+    """--nvlabs-dir: the checkout's class of the same name is built with the same kwargs and our weights, for EDM
+    and EDM2 (one checkout each, switched in one process); a checkout without the file is refused by name."""
+    import sys
+    from bench import bench_model, bench_sample, models
+    monkeypatch.setattr(models, 'DEVICE', 'cpu')
+    dirs = [_stand_in_checkout(tmp_path / 'edm', False), _stand_in_checkout(tmp_path / 'edm2', True)]
+    for model in ('tiny', 'edm2-tiny'):
+        net = models.build(model).eval()
+        official, fn, backend = models.configure(net, 'nvlabs', dirs)
+        checkout = sys.modules['training.networks_edm2' if model == 'edm2-tiny' else 'training.networks']
+        assert checkout.__file__.startswith(dirs[model == 'edm2-tiny'])
+        assert type(official) is getattr(checkout, type(net).__name__) and official is not net
+        x, s, labels = models.inputs(net, 2)
+        with torch.no_grad():
+            assert torch.equal(fn(x, s, labels), net(x, s, labels))
+        records = bench_model.run_case(model, net, 'nvlabs', 2, 'forward', 1.0, warmup=1, repeats=2, nvlabs_dirs=dirs)
+        assert [r['value'] > 0 for r in records if r['metric'] == 'images_per_s'] == [True]
+        assert bench_sample.time_sampling(official.requires_grad_(False), None, [0, 1], 2, dict(num_steps=2),
+                                          backend) > 0
+    assert 'training' not in sys.path and dirs[1] not in sys.path
+    with pytest.raises(FileNotFoundError, match='networks_edm2.py'):
+        models.configure(models.build('edm2-tiny'), 'nvlabs', dirs[:1])
+
+
 @pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.parametrize('provider', ['reference', 'fast-bf16'])

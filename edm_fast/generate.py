@@ -86,8 +86,10 @@ def check_class(net, class_idx):
 
 
 def is_edm2(net):
+    """True for EDM2 preconditioners: ours, or another implementation's `Precond` (e.g. the official class, timed
+    by bench/ with --nvlabs-dir), which has no round_sigma unlike every EDM preconditioner."""
     from .networks_edm2 import Precond
-    return isinstance(net, Precond)
+    return isinstance(net, Precond) or (type(net).__name__ == 'Precond' and not hasattr(net, 'round_sigma'))
 
 
 def sampler_for(net, gnet=None, guidance=None, **sampler_kwargs):

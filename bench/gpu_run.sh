@@ -45,7 +45,7 @@ for stage in "$@"; do
     tests)
       # One file at a time with its own limit, so a slow or hanging file does not hide the others' results.
       say "tests: GPU-marked tests, file by file"
-      for f in ${TEST_FILES:-tests/ops/test_heun.py tests/ops/test_group_norm.py tests/ops/test_resample.py tests/ops/test_attention.py tests/test_fast.py tests/test_augment.py}; do
+      for f in ${TEST_FILES:-tests/ops/test_heun.py tests/ops/test_group_norm.py tests/ops/test_resample.py tests/ops/test_attention.py tests/ops/test_mp_attention.py tests/test_fast.py tests/test_augment.py}; do
         timeout ${TEST_FILE_TIMEOUT:-150} python -m pytest -q -m gpu -p no:cacheprovider "$f" -rfE --tb=short \
           > "$OUT/tests_$(basename "$f" .py).log" 2>&1
         rc=$?; say "  $f exit $rc: $(tail -n 1 "$OUT/tests_$(basename "$f" .py).log")"

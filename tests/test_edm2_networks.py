@@ -398,3 +398,32 @@ def test_frozen_weights_ignored_in_training():
             p.mul_(1.5)  # a change the frozen copies do not see
     ref = networks_edm2.unfreeze_weights(copy.deepcopy(net))
     assert torch.equal(net.train()(x, s, labels), ref.train()(x, s, labels))
+
+
+@pytest.mark.parametrize('flavor', ['enc', 'dec'])
+def test_compiled_block_fuses_the_mp_elementwise_chains(flavor):
+    """Pixel norm, mp_silu, the embedding gain, mp_sum and the clip run as a few fused Inductor kernels on the fast
+    path (frozen weights, no graph break): at most half as many kernels as the eager block dispatches aten ops
+    (torch 2.13 CPU: 7 kernels for 21 ops; unfused, the ~17 non-conv ops would each be one)."""
+    from torch._inductor import metrics
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    block = networks_edm2.Block(64, 64, 32, flavor=flavor).eval().requires_grad_(False)
+    x, emb = torch.randn(2, 64, 8, 8), torch.randn(2, 32)
+    networks_edm2.freeze_weights(block, x, emb)
+    with torch.no_grad(), CountOps():
+        want = block(x, emb)
+    torch._dynamo.reset()
+    metrics.reset()
+    with torch.no_grad():
+        got = torch.compile(block, fullgraph=True)(x, emb)
+    assert 0 < metrics.generated_kernel_count * 2 <= CountOps.count, (metrics.generated_kernel_count, CountOps.count)
+    assert (got - want).abs().max() < 1e-4

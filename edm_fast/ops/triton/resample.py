@@ -96,20 +96,25 @@ def _down_nchw_kernel(x_ptr, f_ptr, y_ptr, gain, R, H, W, OH, OW,
 
 
 @triton.jit
-def _down_nhwc_kernel(x_ptr, f_ptr, y_ptr, gain, NP, C, H, W, OH, OW,
-                      L: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
-                      INT64: tl.constexpr):
+def _nhwc_tile(NP, C, RH, RW, BP: tl.constexpr, BC: tl.constexpr, INT64: tl.constexpr):
+    """This program's BP rows q of an [N, RH, RW] grid (q = (n * RH + h) * RW + w, int64 when INT64) and BC
+    channels: (q, q < NP, c, c < C, n, h, w)."""
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    q = pid * BP + tl.arange(0, BP)  # output position = (n * OH + oh) * OW + ow
+    q = pid * BP + tl.arange(0, BP)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
-    q_ok = q < NP
-    c_ok = c < C
-    n = q // (OH * OW)
-    rem = q - n * (OH * OW)
-    oh = rem // OW
-    ow = rem - oh * OW
+    n = q // (RH * RW)
+    rem = q - n * (RH * RW)
+    h = rem // RW
+    return q, q < NP, c, c < C, n, h, rem - h * RW
+
+
+@triton.jit
+def _down_nhwc_kernel(x_ptr, f_ptr, y_ptr, gain, NP, C, H, W, OH, OW,
+                      L: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+                      INT64: tl.constexpr):
+    q, q_ok, c, c_ok, n, oh, ow = _nhwc_tile(NP, C, OH, OW, BP, BC, INT64)  # q = (n * OH + oh) * OW + ow
     acc = tl.zeros([BP, BC], dtype=tl.float32)
     for a in tl.static_range(L):
         ih = 2 * oh - P + a
@@ -186,17 +191,7 @@ def _up_nchw_kernel(x_ptr, f_ptr, y_ptr, gain, R, H, W, OH, OW, MH,
 def _up_nhwc_kernel(x_ptr, f_ptr, y_ptr, gain, NP, C, H, W, OH, OW, MH, MW,
                     L: tl.constexpr, P: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr,
                     BP: tl.constexpr, BC: tl.constexpr, INT64: tl.constexpr):
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    q = pid * BP + tl.arange(0, BP)  # pair position = (n * MH + mh) * MW + mw
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    q_ok = q < NP
-    c_ok = c < C
-    n = q // (MH * MW)
-    rem = q - n * (MH * MW)
-    mh = rem // MW
-    mw = rem - mh * MW
+    q, q_ok, c, c_ok, n, mh, mw = _nhwc_tile(NP, C, MH, MW, BP, BC, INT64)  # pair q = (n * MH + mh) * MW + mw
     acc00 = tl.zeros([BP, BC], dtype=tl.float32)
     acc01 = tl.zeros([BP, BC], dtype=tl.float32)
     acc10 = tl.zeros([BP, BC], dtype=tl.float32)

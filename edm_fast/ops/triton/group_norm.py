@@ -143,15 +143,14 @@ def _silu(u):
 
 
 @triton.jit
-def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-                   P, G, Cg, GPB, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, eps, num_chunks,
-                   BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
-                   HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr, ONE_CHUNK: tl.constexpr):
+def _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
+          HAS_ADD: tl.constexpr):
+    """This program's tile: sample n, first group g0, the tile's channel columns (cw within the tile, c absolute,
+    col_ok, the group one-hot), the int64 offsets of the columns' (n, c) origins and the pre-add per column."""
     pid = tl.program_id(0)
     tiles = G // GPB
     n = pid // tiles
     g0 = (pid % tiles) * GPB
-    dtype = x_ptr.dtype.element_ty
     cw, col_ok, hot = _onehot(Cg, GPB, BLOCK_CW, BLOCK_G)
     c = g0 * Cg + cw
     base = n.to(tl.int64) * sxn + c * sxc
@@ -159,6 +158,17 @@ def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, me
         a = tl.load(add_ptr + n * add_sn + c * add_sc, mask=col_ok, other=0.0).to(tl.float32)
     else:
         a = tl.zeros([BLOCK_CW], tl.float32)
+    return n, g0, cw, col_ok, hot, c, base, a
+
+
+@triton.jit
+def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+                   P, G, Cg, GPB, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, eps, num_chunks,
+                   BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
+                   HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    n, g0, cw, col_ok, hot, c, base, a = _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW, BLOCK_G,
+                                               HAS_ADD)
+    dtype = x_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_P)
 
     if ONE_CHUNK:
@@ -235,18 +245,9 @@ def _gn_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shif
                    BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
                    HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr, NEED_DADD: tl.constexpr,
                    ONE_CHUNK: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles = G // GPB
-    n = pid // tiles
-    g0 = (pid % tiles) * GPB
+    n, g0, cw, col_ok, hot, c, base, a = _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW, BLOCK_G,
+                                               HAS_ADD)
     dtype = x_ptr.dtype.element_ty
-    cw, col_ok, hot = _onehot(Cg, GPB, BLOCK_CW, BLOCK_G)
-    c = g0 * Cg + cw
-    base = n.to(tl.int64) * sxn + c * sxc
-    if HAS_ADD:
-        a = tl.load(add_ptr + n * add_sn + c * add_sc, mask=col_ok, other=0.0).to(tl.float32)
-    else:
-        a = tl.zeros([BLOCK_CW], tl.float32)
     w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, col_ok, sc_sn, sc_sc, sh_sn, sh_sc,
                                    dtype, HAS_SS)
     c_mean = tl.load(mean_ptr + n * G + g0 + cw // Cg, mask=col_ok, other=0.0)

@@ -85,6 +85,19 @@ def _cpu_mem_gb():
     except (OSError, ValueError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
+
+def _report_memory(stats, device, rank):
+    """Report CPU and peak GPU memory to `stats` (rank 0 keeps them), reset the GPU peak; the status-line fields."""
+    stats.report0('Resources/cpu_mem_gb', _cpu_mem_gb(), rank)
+    if device.type != 'cuda':
+        return []
+    gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30
+    stats.report0('Resources/peak_gpu_mem_gb', gpumem, rank)
+    stats.report0('Resources/peak_gpu_mem_reserved_gb', reserved, rank)
+    torch.cuda.reset_peak_memory_stats(device)
+    return [f'gpumem {gpumem:<6.2f}', f'reserved {reserved:<6.2f}']
+
 # ----------------------------------------------------------------------------------------------------
 # One optimisation step, in parts that tests can check against their closed forms.
 
@@ -345,14 +358,7 @@ def training_loop(
             stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time, rank)
             stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3, rank)
             stats.report0('Timing/maintenance_sec', maintenance_time, rank)
-            stats.report0('Resources/cpu_mem_gb', _cpu_mem_gb(), rank)
-            if device.type == 'cuda':
-                gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30
-                fields += [f'gpumem {gpumem:<6.2f}', f'reserved {reserved:<6.2f}']
-                stats.report0('Resources/peak_gpu_mem_gb', gpumem, rank)
-                stats.report0('Resources/peak_gpu_mem_reserved_gb', reserved, rank)
-                torch.cuda.reset_peak_memory_stats(device)
+            fields += _report_memory(stats, device, rank)
             if augment_pipe is not None:
                 fields.append(f'augment {augment_pipe.p:g}')
             if rank == 0:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, training_state, util
-from .training_loop import _all_reduce_max, _cpu_mem_gb, _rank_world, _short, _StopFlag, check_ddp_consistency
+from .training_loop import _all_reduce_max, _cpu_mem_gb, _rank_world, _report_memory, _short, _StopFlag, check_ddp_consistency
 from .training_stats import Collector
 
 STATE_FORMAT = 'edm_fast.training_state_edm2'
@@ -376,14 +376,7 @@ def training_loop(
                 stats.report0('Timing/total_sec', total_elapsed_time, rank)
                 stats.report0('Timing/sec_per_kimg', sec_per_kimg, rank)
                 stats.report0('Timing/maintenance_sec', maintenance_time, rank)
-                stats.report0('Resources/cpu_mem_gb', _cpu_mem_gb(), rank)
-                if device.type == 'cuda':
-                    gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                    reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30
-                    fields += [f'gpumem {gpumem:<6.2f}', f'reserved {reserved:<6.2f}']
-                    stats.report0('Resources/peak_gpu_mem_gb', gpumem, rank)
-                    stats.report0('Resources/peak_gpu_mem_reserved_gb', reserved, rank)
-                    torch.cuda.reset_peak_memory_stats(device)
+                fields += _report_memory(stats, device, rank)
                 if rank == 0:
                     print(' '.join(fields), flush=True)
                 collected = stats.collect(device=device)

@@ -1,6 +1,6 @@
 """Benchmark of the fused GroupNorm (+ pre-add / scale-shift / SiLU) against eager and compiled PyTorch.
 
-    python -m bench.bench_group_norm [--quick] [--all] [--providers reference,triton,...] [--out DIR]
+    python -m bench.bench_group_norm [--quick] [--all] [--providers reference,triton,...] [--out DIR] [--sweep]
 
 Cases: the GroupNorm calls of DDPM++ CIFAR-10 (batch 512) and ADM ImageNet-64 (batch 64), taken from the
 networks themselves (meta-device trace), in fp16 channels-last (the fast configuration). Providers:
@@ -12,10 +12,15 @@ Metrics per (case, mode, provider): median ms, GB/s over the minimum bytes (ever
 output written once: x + y forward; x + y + dy + x + dx forward+backward, plus the per-channel tensors) and
 the fraction of the H100's measured 3.0 TB/s copy bandwidth. A provider that fails records its error and
 the others go on. Results: JSON lines in bench/results/bench_group_norm.jsonl (or --out), table last.
+
+--sweep also times the Triton kernels under a few (elements per chunk, elements per warp) settings of
+edm_fast.ops.triton.group_norm.CONFIG (forward settings on the forward, backward ones on forward + backward),
+summed over the cases, and prints the best setting of each direction next to the default.
 """
 
 import argparse
 import collections
+import itertools
 import traceback
 
 import torch
@@ -168,6 +173,7 @@ def main(argv=None):
     parser.add_argument('--all', action='store_true', help='every call of both networks (default: 16 of them)')
     parser.add_argument('--providers', default=','.join(PROVIDERS), help=f'comma list from {",".join(PROVIDERS)}')
     parser.add_argument('--out', default=None, help='results directory (default bench/results)')
+    parser.add_argument('--sweep', action='store_true', help='also time Triton chunk/warp settings')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit('bench_group_norm needs a CUDA GPU')
@@ -177,13 +183,15 @@ def main(argv=None):
         raise SystemExit(f'unknown providers {unknown}; choose from {",".join(PROVIDERS)}')
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     records, table = [], []
-    for net, (preset, N) in NETWORKS.items():
-        for (C, H, W, G, eps, variant), calls in network_calls(preset).items():
-            if (net, C, H, variant) not in (QUICK if args.quick else DEFAULT) and not args.all:
-                continue
-            print(f'{net} {N}x{C}x{H}x{W} {variant} ({calls} calls per forward)', flush=True)
-            bench_case(net, N, C, H, W, G, eps, variant, 20 if args.quick else 100, providers, records, table)
-            torch.cuda.empty_cache()
+    cases = [(net, N, C, H, W, G, eps, variant) for net, (preset, N) in NETWORKS.items()
+             for (C, H, W, G, eps, variant), calls in network_calls(preset).items()
+             if args.all or (net, C, H, variant) in (QUICK if args.quick else DEFAULT)]
+    for case in cases:
+        print(f'{case[0]} {"x".join(map(str, case[1:5]))} {case[-1]}', flush=True)
+        bench_case(*case, 20 if args.quick else 100, providers, records, table)
+        torch.cuda.empty_cache()
+    if args.sweep:
+        records += sweep(cases, 20 if args.quick else 50)
     path = harness.write_results(records, f'bench_{BENCH}', args.out)
     print(f'\n{len(records)} records -> {path}\n')
     for row in table:
@@ -191,6 +199,46 @@ def main(argv=None):
             if isinstance(row[k], float):
                 row[k] = f'{row[k]:.4g}'
     harness.print_table(table, columns=('case', 'mode', 'provider', 'layout', 'ms', 'GBps', 'copy', 'vs_compiled'))
+
+
+SWEEP = {'fwd': list(itertools.product((2048, 4096, 8192, 16384), (512, 1024))),
+         'bwd': list(itertools.product((1024, 2048, 4096, 8192), (512, 1024)))}
+
+
+def sweep(cases, repeats, settings=SWEEP):
+    """Triton time per CONFIG setting, one direction at a time, summed over the cases (fp16 channels-last)."""
+    from edm_fast.ops.triton import group_norm as kernels
+    records, summary = [], []
+    for direction, options in settings.items():
+        default, totals = kernels.CONFIG[direction], {}
+        backward = direction.endswith('bwd')
+        try:
+            for setting in options:
+                kernels.CONFIG[direction] = setting
+                label = f'triton[{direction}={setting[0]}/{setting[1]}]'
+                totals[setting] = 0.0
+                for net, N, C, H, W, G, eps, variant in cases:
+                    name = f'{net}/{N}x{C}x{H}x{W}/{variant} {"fwd+bwd" if backward else "fwd"}'
+                    try:
+                        t, act = make_inputs(N, C, H, W, variant, torch.float16, True)
+                        ms = harness.time_fn(runner(provider_fn('triton', G, eps, act), t, backward), warmup=3,
+                                             repeats=repeats)['median_ms']
+                    except Exception as e:  # noqa: BLE001
+                        print(f'sweep {label} {name}: FAILED {type(e).__name__}: {e}'.splitlines()[0])
+                        totals[setting] = float('nan')
+                        continue
+                    totals[setting] += ms
+                    records.append(harness.record(f'{BENCH}_sweep', name, label, 'time', ms, 'ms', direction=direction,
+                                                  tile=setting[0], warp_elems=setting[1],
+                                                  gbps=min_bytes(t, backward) / ms / 1e6))
+        finally:
+            kernels.CONFIG[direction] = default
+        ranked = sorted((ms, s) for s, ms in totals.items() if ms == ms)
+        if ranked:
+            summary.append(f'  {direction}: best {ranked[0][1]} {ranked[0][0]:.3f} ms, default {default} '
+                           f'{totals.get(default, float("nan")):.3f} ms over {len(cases)} cases')
+    print('\nTriton sweep (CONFIG[direction] = (elements per chunk, elements per warp)):\n' + '\n'.join(summary))
+    return records
 
 
 if __name__ == '__main__':

@@ -134,3 +134,23 @@ def test_full_size_ddpmpp_forward_gpu(benchmark, provider):
             fn(x, s, labels)
             torch.cuda.synchronize()
         benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)
+
+
+def test_group_norm_sweep_runs_on_cpu(monkeypatch):
+    """bench_group_norm --sweep: every setting is timed per case, recorded, and CONFIG is restored (through the
+    interpreter's CONFIG entries, which are the ones CPU tensors use)."""
+    import functools
+    from bench import bench_group_norm
+    from edm_fast.ops.triton import group_norm as kernels
+    if not kernels.INTERPRETED:
+        pytest.skip('needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest on machines without a GPU)')
+    monkeypatch.setattr(bench_group_norm, 'make_inputs',
+                        functools.partial(bench_group_norm.make_inputs, device='cpu'))
+    before = dict(kernels.CONFIG)
+    cases = [('tiny', 2, 16, 8, 8, 4, 1e-5, 'add')]
+    settings = {'interpret_fwd': [(64, 512), (256, 512)], 'interpret_bwd': [(64, 512)]}
+    records = bench_group_norm.sweep(cases, repeats=1, settings=settings)
+    assert kernels.CONFIG == before
+    assert [(r['direction'], r['tile'], r['case'].split()[-1]) for r in records] == [
+        ('interpret_fwd', 64, 'fwd'), ('interpret_fwd', 256, 'fwd'), ('interpret_bwd', 64, 'fwd+bwd')]
+    assert all(r['value'] > 0 and r['gbps'] > 0 for r in records)

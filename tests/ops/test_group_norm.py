@@ -134,7 +134,7 @@ CPU_CASES = [
     ((1, 64, 8, 8), 16, torch.float32, True, 'ddpmpp_add_bcast'),
     ((2, 48, 4, 4), 8, torch.bfloat16, True, 'adm_scale_shift'),
     ((2, 48, 4, 4), 8, torch.bfloat16, False, 'ddpmpp_add'),
-    # Groups bigger than one chunk (fwd 16384, bwd 8192 elements): the looping path.
+    # Groups bigger than one chunk (interpreter: fwd 16384, bwd 8192 elements): the looping path.
     ((2, 64, 32, 32), 2, torch.float32, True, 'adm_scale_shift'),
     ((2, 64, 32, 32), 2, torch.float16, False, 'ddpmpp_add'),
 ]
@@ -153,6 +153,32 @@ def test_triton_matches_reference(shape, num_groups, dtype, channels_last, varia
         assert out['x'].is_contiguous(memory_format=torch.channels_last)
     else:
         assert out['y'].is_contiguous()
+
+
+GPU_TILE_CASES = [
+    # The tiles a GPU launch picks (CONFIG fwd/bwd, two programs per SM on 132 SMs) at network channel counts:
+    # ADM's 6 channels per group (24-column tiles, masked to 32) and DDPM++'s 8, streamed over several chunks.
+    ((1, 192, 32, 32), 32, torch.float16, True, 'adm_scale_shift'),
+    ((1, 256, 32, 32), 32, torch.float16, True, 'ddpmpp_add'),
+    ((2, 576, 8, 8), 32, torch.float32, True, 'norm0_silu'),
+]
+
+
+@pytest.mark.parametrize('shape, num_groups, dtype, channels_last, variant', GPU_TILE_CASES,
+                         ids=[f'{"x".join(map(str, c[0]))}-{c[4]}' for c in GPU_TILE_CASES])
+def test_triton_gpu_tiles_match_reference(shape, num_groups, dtype, channels_last, variant, monkeypatch):
+    if not triton_gn.INTERPRETED:
+        pytest.skip('on a GPU the other tests run these tiles already')
+    monkeypatch.setitem(triton_gn.CONFIG, 'interpret_fwd', triton_gn.CONFIG['fwd'])
+    monkeypatch.setitem(triton_gn.CONFIG, 'interpret_bwd', triton_gn.CONFIG['bwd'])
+    monkeypatch.setattr(triton_gn, '_min_programs', lambda x: 264)
+    N, C, H, W = shape
+    plan = triton_gn._tile_config(N, C, num_groups, H * W, 2, True, *triton_gn.CONFIG['bwd'], 264)
+    assert plan[4] > 1 or H * W <= 64, plan  # the large maps do stream in several chunks
+    inputs, act = _make_inputs(shape, num_groups, dtype, channels_last, variant)
+    with ops.record_backends() as rec:
+        _check_against_truth(inputs, num_groups, 1e-5, act, 'triton')
+    assert rec[('group_norm', 'triton')] == 1
 
 
 def test_triton_stats_survive_large_offsets():
@@ -186,7 +212,8 @@ def compile_(fn, ptrs, consts, num_warps):
     sig = {a: 'constexpr' if a in consts else ptrs.get(a, 'fp32' if a == 'eps' else 'i32') for a in fn.arg_names}
     triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps))
 
-for dt, one, ones in (('fp16', True, {}), ('bf16', False, {}), ('fp32', True, dict(P=1, Cg=1, GPB=1, sxp=1))):
+for dt, one, ones in (('fp16', True, dict(Cg=8, GPB=4)), ('bf16', False, dict(Cg=6, GPB=4)),
+                      ('fp32', True, dict(P=1, Cg=1, GPB=1, sxp=1))):
     flags = dict(HAS_ADD=True, HAS_SS=True, SILU=True, ONE_CHUNK=one, BLOCK_CW=32, BLOCK_G=4, **ones)
     io = dict.fromkeys(('x_ptr', 'y_ptr', 'dy_ptr', 'dx_ptr', 'add_ptr', 'scale_ptr', 'shift_ptr'), '*' + dt)
     f32 = dict.fromkeys(('w_ptr', 'b_ptr', 'mean_ptr', 'rstd_ptr', 'sum1_ptr', 'sum2_ptr', 'sum3_ptr'), '*fp32')

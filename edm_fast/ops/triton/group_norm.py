@@ -31,8 +31,15 @@ import triton.language as tl
 MAX_GROUP_CHANNELS = 8192
 # Kernels defined under TRITON_INTERPRET=1 run through the interpreter on CPU tensors (and only there).
 INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
-_FWD_TILE = 16384   # elements per chunk in the forward (registers: one fp32 value per element)
-_BWD_TILE = 8192    # the backward holds x, dy, du and xhat per element
+# (elements per chunk, elements per warp) of each direction. A group that fits one chunk stays in registers (x is
+# read once); a larger one is streamed chunk by chunk and read again, from L2, for the second pass. Warps follow
+# from the chunk: one per `elements per warp` (16 per thread at 512), at most 16. Small chunks keep several
+# programs resident per SM, so one program's loads overlap another's reductions. Compiled for sm_90
+# (bench/kernel_resources.py), the channels-last forward at DDPM++ 512x256x32x32 fp16 holds 4 programs per SM
+# at 4096 elements (8 warps, 64 registers) against 1 at 16384 (16 warps, 112 registers), the chunk used when the
+# H100 measured 30% of copy bandwidth (with 2-byte accesses then). The interpreter pays per program instead, so
+# it keeps large chunks. Not yet timed on a GPU: bench/bench_group_norm.py --sweep times the alternatives.
+CONFIG = {'fwd': (4096, 512), 'bwd': (2048, 512), 'interpret_fwd': (16384, 512), 'interpret_bwd': (8192, 512)}
 
 
 def _next_pow2(v):
@@ -44,7 +51,7 @@ def channels_last(x):
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _tile_config(N, C, G, P, esize, cl, max_tile, min_programs=1):
+def _tile_config(N, C, G, P, esize, cl, max_tile, warp_elems=512, min_programs=1):
     """(groups per program, BLOCK_P, BLOCK_CW, BLOCK_G, number of chunks, num_warps)."""
     Cg = C // G
     single = max(2, _next_pow2(Cg)) * _next_pow2(P)
@@ -65,8 +72,13 @@ def _tile_config(N, C, G, P, esize, cl, max_tile, min_programs=1):
     block_cw = max(2, _next_pow2(gpb * Cg))
     block_p = max(2, min(_next_pow2(P), max_tile // block_cw))  # aranges of >= 2 (size 1 is fragile)
     chunks = triton.cdiv(P, block_p)
-    num_warps = max(1, min(16, block_p * block_cw // 512))
+    num_warps = max(1, min(16, block_p * block_cw // warp_elems))
     return gpb, block_p, block_cw, max(2, _next_pow2(gpb)), chunks, num_warps
+
+
+def _config(x, direction):
+    """(elements per chunk, elements per warp) for x's device."""
+    return CONFIG[f'interpret_{direction}' if INTERPRETED and x.device.type == 'cpu' else direction]
 
 
 def _min_programs(x):
@@ -92,7 +104,7 @@ def _bcast_strides(t):
 
 
 @triton.jit
-def _onehot(Cg, GPB, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr):
+def _onehot(Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr):
     """Column index, valid-column mask and the [BLOCK_CW, BLOCK_G] column->group indicator matrix."""
     cw = tl.arange(0, BLOCK_CW)
     col_ok = cw < GPB * Cg
@@ -143,8 +155,8 @@ def _silu(u):
 
 
 @triton.jit
-def _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
-          HAS_ADD: tl.constexpr):
+def _tile(add_ptr, G, Cg: tl.constexpr, GPB: tl.constexpr, sxn, sxc, add_sn, add_sc, BLOCK_CW: tl.constexpr,
+          BLOCK_G: tl.constexpr, HAS_ADD: tl.constexpr):
     """This program's tile: sample n, first group g0, the tile's channel columns (cw within the tile, c absolute,
     col_ok, the group one-hot), the int64 offsets of the columns' (n, c) origins and the pre-add per column."""
     pid = tl.program_id(0)
@@ -152,7 +164,10 @@ def _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW: tl.constexpr,
     n = pid // tiles
     g0 = (pid % tiles) * GPB
     cw, col_ok, hot = _onehot(Cg, GPB, BLOCK_CW, BLOCK_G)
-    c = g0 * Cg + cw
+    # Cg and GPB are compile-time constants: the compiler then knows the tile's first column is a multiple of
+    # GPB * Cg and which columns are valid, so channels-last rows load and store as 16-byte vectors (with runtime
+    # values every access was a 2-byte one: bench/kernel_resources.py).
+    c = (pid % tiles) * (GPB * Cg) + cw
     base = n.to(tl.int64) * sxn + c * sxc
     if HAS_ADD:
         a = tl.load(add_ptr + n * add_sn + c * add_sc, mask=col_ok, other=0.0).to(tl.float32)
@@ -163,8 +178,8 @@ def _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW: tl.constexpr,
 
 @triton.jit
 def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-                   P, G, Cg, GPB, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, eps, num_chunks,
-                   BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
+                   P, G, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, eps, num_chunks,
+                   Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
                    HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr, ONE_CHUNK: tl.constexpr):
     n, g0, cw, col_ok, hot, c, base, a = _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW, BLOCK_G,
                                                HAS_ADD)
@@ -186,7 +201,7 @@ def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, me
             mc = (p < P)[:, None] & col_ok[None, :]
             vc = _load_v(x_ptr, base, a, p, sxp, mc, dtype, HAS_ADD)
             # Every chunk but the last is full, so the running count follows from the chunk index.
-            count = (ch * BLOCK_P * Cg).to(tl.float32)
+            count = ch * BLOCK_P * Cg * 1.0
             count_b = (tl.minimum(P - ch * BLOCK_P, BLOCK_P) * Cg).to(tl.float32)
             mean_b, corr_b, m2_b = _chunk_stats(vc, mc, hot, count_b)
             mean_b += corr_b
@@ -241,8 +256,8 @@ def _bwd_chunk(dy_ptr, x_ptr, base, a, p, sxp, m, c_mean, c_rstd, w, b, s1, sh, 
 @triton.jit
 def _gn_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                    sum1_ptr, sum2_ptr, sum3_ptr,
-                   P, C, G, Cg, GPB, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, num_chunks,
-                   BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
+                   P, C, G, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, num_chunks,
+                   Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
                    HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr, NEED_DADD: tl.constexpr,
                    ONE_CHUNK: tl.constexpr):
     n, g0, cw, col_ok, hot, c, base, a = _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW, BLOCK_G,
@@ -361,8 +376,8 @@ def forward(x, weight, bias, pre_add, scale, shift, num_groups, eps, silu):
     N, C, H, W = x.shape
     P, G = H * W, num_groups
     cl, (sxn, sxc, sxp) = _layout(x)
-    gpb, block_p, block_cw, block_g, chunks, num_warps = _tile_config(N, C, G, P, x.element_size(), cl, _FWD_TILE,
-                                                                      _min_programs(x))
+    gpb, block_p, block_cw, block_g, chunks, num_warps = _tile_config(N, C, G, P, x.element_size(), cl,
+                                                                      *_config(x, 'fwd'), _min_programs(x))
     y = torch.empty_like(x)
     mean = torch.empty((N, G), device=x.device, dtype=torch.float32)
     rstd = torch.empty((N, G), device=x.device, dtype=torch.float32)
@@ -371,8 +386,8 @@ def forward(x, weight, bias, pre_add, scale, shift, num_groups, eps, silu):
     has_ss = scale is not None
     _gn_fwd_kernel[(N * (G // gpb),)](
         x, y, w, b, pre_add if pre_add is not None else x, scale if has_ss else x, shift if has_ss else x,
-        mean, rstd, P, G, C // G, gpb, sxn, sxc, sxp, *_bcast_strides(pre_add), *_bcast_strides(scale),
-        *_bcast_strides(shift), float(eps), chunks,
+        mean, rstd, P, G, sxn, sxc, sxp, *_bcast_strides(pre_add), *_bcast_strides(scale),
+        *_bcast_strides(shift), float(eps), chunks, Cg=C // G, GPB=gpb,
         BLOCK_P=block_p, BLOCK_CW=block_cw, BLOCK_G=block_g, HAS_ADD=pre_add is not None, HAS_SS=has_ss,
         SILU=bool(silu), ONE_CHUNK=chunks == 1, num_warps=num_warps)
     return y, mean, rstd
@@ -387,8 +402,8 @@ def backward(dy, x, weight, bias, pre_add, scale, shift, mean, rstd, num_groups,
     P, G = H * W, num_groups
     cl, (sxn, sxc, sxp) = _layout(x)
     dy = dy.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-    gpb, block_p, block_cw, block_g, chunks, num_warps = _tile_config(N, C, G, P, x.element_size(), cl, _BWD_TILE,
-                                                                      _min_programs(x))
+    gpb, block_p, block_cw, block_g, chunks, num_warps = _tile_config(N, C, G, P, x.element_size(), cl,
+                                                                      *_config(x, 'bwd'), _min_programs(x))
     dx = torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
     need_dadd = bool(need_pre_add_grad) and pre_add is not None
@@ -399,8 +414,8 @@ def backward(dy, x, weight, bias, pre_add, scale, shift, mean, rstd, num_groups,
     has_ss = scale is not None
     _gn_bwd_kernel[(N * (G // gpb),)](
         dy, x, dx, w, b, pre_add if pre_add is not None else x, scale if has_ss else x, shift if has_ss else x,
-        mean, rstd, sum1, sum2, sum3, P, C, G, C // G, gpb, sxn, sxc, sxp, *_bcast_strides(pre_add),
-        *_bcast_strides(scale), *_bcast_strides(shift), chunks,
+        mean, rstd, sum1, sum2, sum3, P, C, G, sxn, sxc, sxp, *_bcast_strides(pre_add),
+        *_bcast_strides(scale), *_bcast_strides(shift), chunks, Cg=C // G, GPB=gpb,
         BLOCK_P=block_p, BLOCK_CW=block_cw, BLOCK_G=block_g, HAS_ADD=pre_add is not None, HAS_SS=has_ss,
         SILU=bool(silu), NEED_DADD=need_dadd, ONE_CHUNK=chunks == 1, num_warps=num_warps)
 

@@ -2,11 +2,14 @@
 # One script for a lent GPU machine: install, build the CUDA extension, run the GPU tests and the benchmarks,
 # and leave everything under $OUT (at most a few files: logs, a results tarball, the demo snapshot).
 #
-#   bench/gpu_run.sh build tests bench-kernels bench-model bench-sample bench-edm2 demo:SECONDS
+#   bench/gpu_run.sh build tests bench-kernels bench-model bench-sample bench-edm2 sweep det-a det-b fid demo:SECONDS
 #
 # Stages run in the order given; each one logs to $OUT/run.log and a failing stage does not stop the next.
 # `demo:SECONDS` trains the built-in demo model in the background (from the start of the script) for that long.
-# Reference vectors and the demo dataset travel in the git-ignored .gpu_carry/ folder (name it in `carry`).
+# Reference vectors and the demo dataset travel in the git-ignored .gpu_carry/ folder (name it in `carry`);
+# bench/gpu_prepare.sh makes it here, and the FID detector's two halves (.gpu_det_a, .gpu_det_b: see there).
+# A lease: call 1 carries .gpu_carry + .gpu_det_a and runs `det-a build ...`; call 2, at once (the machine goes
+# back after 30 s idle), carries .gpu_carry + .gpu_det_b and runs `det-b fid ...`; later calls carry .gpu_carry.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/edm_fast_out}
@@ -97,6 +100,47 @@ for stage in "$@"; do
       timeout 150 python -m bench.bench_sample --models edm2-img64-s --out "$R" > "$OUT/b_e2s.log" 2>&1
       say "edm2 sample exit $?"
       for f in b_e2m b_e2s; do tail -n 14 "$OUT/$f.log" | tee -a "$LOG"; done
+      ;;
+    sweep)
+      # Triton tile settings: the best per kernel family next to the default (CONFIG in edm_fast/ops/triton/*.py).
+      say "sweep"
+      timeout 240 python -m bench.bench_group_norm --quick --sweep --providers reference-compiled,triton \
+        --out "$OUT/results" > "$OUT/sweep_gn.log" 2>&1; say "group_norm sweep exit $?"
+      timeout 200 python -m bench.bench_resample --quick --sweep --out "$OUT/results" > "$OUT/sweep_rs.log" 2>&1
+      say "resample sweep exit $?"
+      for f in sweep_gn sweep_rs; do grep -A4 "sweep" "$OUT/$f.log" | tail -n 8 | tee -a "$LOG"; done
+      ;;
+    det-a)
+      mkdir -p .gpu_keep && cp .gpu_det_a/default_1.pt.part0 .gpu_keep/ && say "det-a: first half kept" \
+        || say "det-a: no .gpu_det_a (carry it; bench/gpu_prepare.sh makes it)"
+      ;;
+    det-b)
+      if [ -f .gpu_keep/default_1.pt.part0 ] && [ -f .gpu_det_b/default_1.pt.part1 ]; then
+        cat .gpu_keep/default_1.pt.part0 .gpu_det_b/default_1.pt.part1 > .gpu_keep/default_1.pt
+        got=$(sha1sum .gpu_keep/default_1.pt | cut -d' ' -f1)
+        [ "$got" = "$(cat .gpu_det_b/SHA1)" ] && say "det-b: detector joined, SHA-1 $got" \
+          || { say "det-b: SHA-1 $got does not match"; rm -f .gpu_keep/default_1.pt; }
+      else
+        say "det-b: a half is missing (det-a must run on this same warm machine first, carrying .gpu_det_a)"
+      fi
+      ;;
+    fid)
+      # FID and images/s of the demo model against its training set (CPU: FID 5.91 over seeds 0-1796), then
+      # images/s at 50,000 images, then bench_fid (detector precision, throughput, overlap).
+      D=.gpu_keep/default_1.pt
+      if [ ! -f "$D" ]; then say "fid: no detector at $D (stages det-a, then det-b)"; continue; fi
+      say "fid"
+      R="$OUT/results"
+      net=edm_fast/assets/demo-digits-16x16.safetensors
+      timeout 120 python fid.py ref --data=.gpu_carry/digits-16x16.zip --dest=/tmp/digits-ref.npz --detector=$D \
+        > "$OUT/fid_ref.log" 2>&1; say "fid ref exit $?"
+      timeout 120 python fid.py gen --network=$net --ref=/tmp/digits-ref.npz --seeds=0-1796 --detector=$D \
+        --out "$R/fid_demo.jsonl" > "$OUT/fid_gen.log" 2>&1; say "fid gen 1797 exit $?"
+      timeout 200 python fid.py gen --network=$net --ref=/tmp/digits-ref.npz --num=50000 --detector=$D \
+        --out "$R/fid_demo.jsonl" > "$OUT/fid_gen50k.log" 2>&1; say "fid gen 50k exit $?"
+      timeout 240 python -m bench.bench_fid --quick --detector $D --out "$R" > "$OUT/b_fid.log" 2>&1
+      say "bench_fid exit $?"
+      for f in fid_gen fid_gen50k b_fid; do tail -n 12 "$OUT/$f.log" | tee -a "$LOG"; done
       ;;
     demo:*) ;;
     *) say "unknown stage $stage" ;;

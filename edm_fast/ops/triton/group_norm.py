@@ -9,7 +9,7 @@ through (sample, channel, pixel) strides, so the same kernel serves NCHW (pixel 
             E[x^2] - E[x]^2. Then, per channel, y = act((v - mean) * A + B), A = rstd*w*s1,
             B = b*s1 + shift, s1 = scale + 1 (centred first: folding the mean into B cancels
             catastrophically when |mean| >> std). A group that fits one chunk stays in registers (x is
-            read once); a larger one is read again for the second pass (from L2 on a GPU).
+            read once); a larger one is read again for the second pass (from L2 while it fits there).
   backward  per channel S1 = sum_p du, S2 = sum_p du*xhat (du = dy * silu'(u)); the group means of
             dxhat = du*w*s1 and dxhat*xhat follow from them, then dx = rstd*(dxhat - m1 - xhat*m2) and,
             for the pre-add gradient, S3 = sum_p dx. A second kernel reduces the fp32 [N, C] sums over the
@@ -32,14 +32,16 @@ MAX_GROUP_CHANNELS = 8192
 # Kernels defined under TRITON_INTERPRET=1 run through the interpreter on CPU tensors (and only there).
 INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
 # (elements per chunk, elements per warp) of each direction. A group that fits one chunk stays in registers (x is
-# read once); a larger one is streamed chunk by chunk and read again, from L2, for the second pass. Warps follow
-# from the chunk: one per `elements per warp` (16 per thread at 512), at most 16. Small chunks keep several
-# programs resident per SM, so one program's loads overlap another's reductions. Compiled for sm_90
-# (bench/kernel_resources.py), the channels-last forward at DDPM++ 512x256x32x32 fp16 holds 4 programs per SM
-# at 4096 elements (8 warps, 64 registers) against 1 at 16384 (16 warps, 112 registers), the chunk used when the
-# H100 measured 30% of copy bandwidth (with 2-byte accesses then). The interpreter pays per program instead, so
-# it keeps large chunks. Not yet timed on a GPU: bench/bench_group_norm.py --sweep times the alternatives.
-CONFIG = {'fwd': (4096, 512), 'bwd': (2048, 512), 'interpret_fwd': (16384, 512), 'interpret_bwd': (8192, 512)}
+# read once); a larger one is streamed chunk by chunk and read again for the second pass, from L2 while the data
+# in flight fits there (not at ADM 64x64's 24576-element groups). Warps follow from the chunk: one per `elements
+# per warp` (32 per thread at 1024), at most 16. Compiled for sm_90 (bench/kernel_resources.py), the forward at
+# DDPM++ 512x256x32x32 fp16 channels-last keeps each 8192-element group resident with 8 warps, 79 registers and
+# 3 programs per SM (the backward: 128 registers, 2 per SM). The H100 measured 30% of copy bandwidth with 16384-
+# element chunks (16 warps, 112 registers, 1 program per SM, so each SM's loads, reductions and stores took turns)
+# and 2-byte accesses. Smaller chunks give more programs per SM but stream, so x is read twice: 4096 gives 4 per SM.
+# The interpreter pays per program instead, so it keeps large chunks. Not yet timed on a GPU:
+# bench/bench_group_norm.py --sweep times the alternatives.
+CONFIG = {'fwd': (8192, 1024), 'bwd': (8192, 1024), 'interpret_fwd': (16384, 512), 'interpret_bwd': (8192, 512)}
 
 
 def _next_pow2(v):

@@ -111,7 +111,9 @@ def occupancy(regs, num_warps, smem, limits=SM90):
     return max(0, min(by_regs, by_warps, limits['max_blocks'], by_smem))
 
 
-def report(launches, bytes_moved=None):
+def report(launches, bytes_moved):
+    """One row per launch; bytes_moved: {kernel name: activation bytes it reads and writes} for the kernels that
+    stream activations (the others, small reductions over per-channel sums, get None)."""
     rows = []
     for name, grid, k in launches:
         regs, spill_st, spill_ld = _ptxas(k.asm['ptx'])
@@ -123,7 +125,7 @@ def report(launches, bytes_moved=None):
         rows.append(dict(kernel=name, grid=list(grid), programs=programs, num_warps=warps, regs=regs,
                          spill_bytes=spill_st + spill_ld, shared=k.metadata.shared, programs_per_sm=resident,
                          waves=round(programs / max(1, resident * SM90['sms']), 2),
-                         bytes_per_program=None if bytes_moved is None else round(bytes_moved / programs),
+                         bytes_per_program=round(bytes_moved[name] / programs) if name in bytes_moved else None,
                          access=access_widths(k.asm['ptx'])))
     return rows
 
@@ -145,7 +147,9 @@ def _gn_case(shape, groups, variant, fmt, dtype=torch.float16, mode='fwd', min_p
             else:
                 mean = rstd = torch.empty(N, groups)
                 k.backward(torch.empty_like(x), x, w, b, add, *ss, mean, rstd, groups, True, add is not None)
-        return x.numel() * x.element_size() * (2 if mode == 'fwd' else 3)
+        size = x.numel() * x.element_size()
+        return {'_gn_fwd_kernel': 2 * size, '_gn_fwd_stats_kernel': size, '_gn_fwd_apply_kernel': 2 * size,
+                '_gn_bwd_kernel': 3 * size}
     return run
 
 
@@ -159,7 +163,9 @@ def _resample_case(shape, taps, up, fmt, dtype=torch.float16):
             y = k.fir_up(x, f, 0 if taps == 2 else 1, 4.0, 2 * H, 2 * H)
         else:
             y = k.fir_down(x, f, 0 if taps == 2 else 1, 1.0, H // 2, H // 2)
-        return (x.numel() + y.numel()) * x.element_size()
+        size = (x.numel() + y.numel()) * x.element_size()
+        return {'_up_nhwc_kernel': size, '_up_nchw_kernel': size, '_down_nhwc_kernel': size,
+                '_down_nchw_kernel': size}
     return run
 
 
@@ -194,8 +200,7 @@ CASES = {
 def run_case(name):
     with compile_only() as launches:
         moved = CASES[name]()
-    # The first launch moves the tensor; the others (parameter-gradient reductions) are small.
-    rows = report(launches[:1], moved) + report(launches[1:])
+    rows = report(launches, moved)
     for r in rows:
         r['case'] = name
     return rows

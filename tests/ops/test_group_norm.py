@@ -181,6 +181,35 @@ def test_triton_gpu_tiles_match_reference(shape, num_groups, dtype, channels_las
     assert rec[('group_norm', 'triton')] == 1
 
 
+@pytest.mark.parametrize('dtype, channels_last, variant', [(torch.float32, True, 'adm_scale_shift'),
+                                                           (torch.float16, False, 'ddpmpp_add'),
+                                                           (torch.bfloat16, True, 'adm_mixed_bcast')])
+def test_triton_split_forward_equals_loop(dtype, channels_last, variant, monkeypatch):
+    """Groups larger than one chunk: one program per (tile, chunk) in two kernels gives bit for bit what one
+    program looping over the tile gives (the same per-chunk statistics, merged in the same order)."""
+    inputs, act = _make_inputs((2, 48, 12, 12), 4, dtype, channels_last, variant)  # 12 x 144 per group
+    monkeypatch.setitem(triton_gn.CONFIG, 'interpret_fwd', (256, 512))
+    w, b, add, scale, shift = (inputs[k] for k in ('weight', 'bias', 'pre_add', 'scale', 'shift'))
+    x = inputs['x']
+    plan = triton_gn._tile_config(2, 48, 4, 144, x.element_size(), channels_last, 256)
+    assert plan[4] > 2, plan  # several chunks, the last one partial
+    outs = {}
+    for split in (False, True):
+        monkeypatch.setitem(triton_gn.CONFIG, 'split_fwd', split)
+        outs[split] = triton_gn.forward(x, w, b, add, scale, shift, 4, 1e-5, act == 'silu')
+    for loop, split in zip(outs[False], outs[True]):
+        assert torch.equal(loop, split)
+    assert outs[True][0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # ... and the split forward is as accurate as PyTorch (on NCHW input) against the fp64 truth.
+    extras = dict(pre_add=add, scale=scale, shift=shift, act=act)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    truth = reference.group_norm(x.double(), w.double(), b.double(), 4, 1e-5, **{k: d(v) if k != 'act' else v
+                                                                                for k, v in extras.items()})
+    err = lambda y: ((y.double() - truth).abs().max() / truth.abs().max()).item()  # noqa: E731
+    err_torch = err(reference.group_norm(x.contiguous(), w, b, 4, 1e-5, **extras))
+    assert err(outs[True][0]) <= 2 * err_torch + 4 * EPS[dtype], (err(outs[True][0]), err_torch)
+
+
 def test_triton_stats_survive_large_offsets():
     """mean 1000, std 1e-2 in fp32: a one-pass E[x^2] - E[x]^2 would lose every digit of the variance."""
     gen = torch.Generator(device=DEVICE).manual_seed(3)
@@ -209,6 +238,7 @@ from triton.compiler import ASTSource
 import edm_fast.ops.triton.group_norm as k
 
 def compile_(fn, ptrs, consts, num_warps):
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {a: 'constexpr' if a in consts else ptrs.get(a, 'fp32' if a == 'eps' else 'i32') for a in fn.arg_names}
     triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps))
 
@@ -218,6 +248,9 @@ for dt, one, ones in (('fp16', True, dict(Cg=8, GPB=4)), ('bf16', False, dict(Cg
     io = dict.fromkeys(('x_ptr', 'y_ptr', 'dy_ptr', 'dx_ptr', 'add_ptr', 'scale_ptr', 'shift_ptr'), '*' + dt)
     f32 = dict.fromkeys(('w_ptr', 'b_ptr', 'mean_ptr', 'rstd_ptr', 'sum1_ptr', 'sum2_ptr', 'sum3_ptr'), '*fp32')
     compile_(k._gn_fwd_kernel, {**io, **f32}, dict(BLOCK_P=256, **flags), 16)
+    f32['part_ptr'] = '*fp32'
+    compile_(k._gn_fwd_stats_kernel, {**io, **f32}, dict(BLOCK_P=128, **flags), 8)
+    compile_(k._gn_fwd_apply_kernel, {**io, **f32}, dict(BLOCK_P=128, **flags), 8)
     compile_(k._gn_bwd_kernel, {**io, **f32}, dict(BLOCK_P=128, NEED_DADD=True, **flags), 8)
     compile_(k._gn_param_grad_kernel, {**f32, 'dw_ptr': '*fp32', 'db_ptr': '*fp32',
              **dict.fromkeys(('x_ptr', 'scale_ptr', 'dscale_ptr', 'dshift_ptr', 'dadd_ptr'), '*' + dt)},

@@ -15,7 +15,9 @@ through (sample, channel, pixel) strides, so the same kernel serves NCHW (pixel 
             for the pre-add gradient, S3 = sum_p dx. A second kernel reduces the fp32 [N, C] sums over the
             batch into the weight/bias gradients (and broadcast scale/shift/pre-add ones) in a fixed order:
             deterministic, no atomics.
-Grid: one program per (sample, block of GPB groups); the parameter-gradient kernel one per BLOCK_C channels.
+Grid: one program per (sample, block of GPB groups); the parameter-gradient kernel one per BLOCK_C channels. A
+forward whose groups exceed one chunk runs split instead (CONFIG['split_fwd']): one program per (tile, chunk) for
+the chunk statistics, then one per (tile, chunk) that merges them in chunk order and normalises its chunk.
 Precision: everything in fp32 right after loading (bf16 arithmetic is also unreliable in the interpreter).
 As the reference casts weight/bias to x.dtype and computes x + pre_add and scale + 1 in x.dtype, those
 values are rounded to x.dtype before use; nothing else is rounded until the output.
@@ -41,7 +43,10 @@ INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
 # and 2-byte accesses. Smaller chunks give more programs per SM but stream, so x is read twice: 4096 gives 4 per SM.
 # The interpreter pays per program instead, so it keeps large chunks. Not yet timed on a GPU:
 # bench/bench_group_norm.py --sweep times the alternatives.
-CONFIG = {'fwd': (8192, 1024), 'bwd': (8192, 1024), 'interpret_fwd': (16384, 512), 'interpret_bwd': (8192, 512)}
+# split_fwd: a group larger than one chunk is handled by one program per (tile, chunk) in two kernels (statistics,
+# then merge and apply) rather than by one program looping over the tile (see _gn_fwd_stats_kernel).
+CONFIG = {'fwd': (8192, 1024), 'bwd': (8192, 1024), 'interpret_fwd': (16384, 512), 'interpret_bwd': (8192, 512),
+          'split_fwd': True}
 
 
 def _next_pow2(v):
@@ -179,10 +184,41 @@ def _tile(add_ptr, G, Cg: tl.constexpr, GPB: tl.constexpr, sxn, sxc, add_sn, add
 
 
 @triton.jit
+def _chunk_counts(ch, P, Cg: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Elements per group before chunk ch (every chunk but the last is full) and in chunk ch."""
+    return ch * BLOCK_P * Cg * 1.0, (tl.minimum(P - ch * BLOCK_P, BLOCK_P) * Cg).to(tl.float32)
+
+
+@triton.jit
+def _chan_merge(mean, m2, count, mean_b, m2_b, count_b):
+    """Chan's parallel formula: (mean, M2) of count elements merged with a chunk's (mean_b, M2_b) of count_b."""
+    total = count + count_b
+    delta = mean_b - mean
+    return mean + delta * (count_b / total), m2 + m2_b + delta * delta * (count * count_b / total)
+
+
+@triton.jit
+def _fold_affine(w, b, s1, sh, hot, mean, mean_lo, rstd):
+    """Per column: the group mean and y = (v - mean) * A + B with A = rstd*w*s1, B = b*s1 + shift - mean_lo*A."""
+    A = tl.sum(hot * rstd[None, :], axis=1) * w * s1
+    return tl.sum(hot * mean[None, :], axis=1), A, b * s1 + sh - tl.sum(hot * mean_lo[None, :], axis=1) * A
+
+
+@triton.jit
+def _store_y(y_ptr, v, base, p, sxp, m, c_mean, A, B, SILU: tl.constexpr):
+    # Padding lanes (v = 0) would give huge |u|: zero them so the SiLU never overflows there.
+    u = tl.where(m, (v - c_mean[None, :]) * A[None, :] + B[None, :], 0.0)
+    if SILU:
+        u = _silu(u)
+    tl.store(y_ptr + base[None, :] + p[:, None] * sxp, u.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                    P, G, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, eps, num_chunks,
-                   Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
-                   HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr, ONE_CHUNK: tl.constexpr):
+                   Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr,
+                   BLOCK_G: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr,
+                   ONE_CHUNK: tl.constexpr):
     n, g0, cw, col_ok, hot, c, base, a = _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW, BLOCK_G,
                                                HAS_ADD)
     dtype = x_ptr.dtype.element_ty
@@ -191,9 +227,8 @@ def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, me
     if ONE_CHUNK:
         m = (rows < P)[:, None] & col_ok[None, :]
         v = _load_v(x_ptr, base, a, rows, sxp, m, dtype, HAS_ADD)
-        count = P * Cg * 1.0
         # The mean as mean + mean_lo: v - mean is exact for v near the mean, then mean_lo is subtracted.
-        mean, mean_lo, m2 = _chunk_stats(v, m, hot, count)
+        mean, mean_lo, m2 = _chunk_stats(v, m, hot, P * Cg * 1.0)
     else:
         mean_lo = tl.zeros([BLOCK_G], tl.float32)
         mean = tl.zeros([BLOCK_G], tl.float32)
@@ -202,43 +237,76 @@ def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, me
             p = ch * BLOCK_P + rows
             mc = (p < P)[:, None] & col_ok[None, :]
             vc = _load_v(x_ptr, base, a, p, sxp, mc, dtype, HAS_ADD)
-            # Every chunk but the last is full, so the running count follows from the chunk index.
-            count = ch * BLOCK_P * Cg * 1.0
-            count_b = (tl.minimum(P - ch * BLOCK_P, BLOCK_P) * Cg).to(tl.float32)
+            count, count_b = _chunk_counts(ch, P, Cg, BLOCK_P)
             mean_b, corr_b, m2_b = _chunk_stats(vc, mc, hot, count_b)
-            mean_b += corr_b
-            total = count + count_b
-            delta = mean_b - mean
-            mean = mean + delta * (count_b / total)
-            m2 = m2 + m2_b + delta * delta * (count * count_b / total)
-        count = P * Cg * 1.0
-    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+            mean, m2 = _chan_merge(mean, m2, count, mean_b + corr_b, m2_b, count_b)
+    rstd = 1.0 / tl.sqrt(m2 / (P * Cg * 1.0) + eps)
     gi = tl.arange(0, BLOCK_G)
     tl.store(mean_ptr + n * G + g0 + gi, mean + mean_lo, mask=gi < GPB)
     tl.store(rstd_ptr + n * G + g0 + gi, rstd, mask=gi < GPB)
 
     w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, col_ok, sc_sn, sc_sc, sh_sn, sh_sc,
                                    dtype, HAS_SS)
-    c_mean = tl.sum(hot * mean[None, :], axis=1)
-    c_mean_lo = tl.sum(hot * mean_lo[None, :], axis=1)
-    c_rstd = tl.sum(hot * rstd[None, :], axis=1)
-    A = c_rstd * w * s1
-    B = b * s1 + sh - c_mean_lo * A
+    c_mean, A, B = _fold_affine(w, b, s1, sh, hot, mean, mean_lo, rstd)
     if ONE_CHUNK:
-        # Padding lanes (v = 0) would give huge |u|: zero them so the SiLU never overflows there.
-        u = tl.where(m, (v - c_mean[None, :]) * A[None, :] + B[None, :], 0.0)
-        if SILU:
-            u = _silu(u)
-        tl.store(y_ptr + base[None, :] + rows[:, None] * sxp, u.to(y_ptr.dtype.element_ty), mask=m)
+        _store_y(y_ptr, v, base, rows, sxp, m, c_mean, A, B, SILU)
     else:
         for ch in range(0, num_chunks):
             p = ch * BLOCK_P + rows
             mc = (p < P)[:, None] & col_ok[None, :]
-            vc = _load_v(x_ptr, base, a, p, sxp, mc, dtype, HAS_ADD)
-            u = tl.where(mc, (vc - c_mean[None, :]) * A[None, :] + B[None, :], 0.0)
-            if SILU:
-                u = _silu(u)
-            tl.store(y_ptr + base[None, :] + p[:, None] * sxp, u.to(y_ptr.dtype.element_ty), mask=mc)
+            _store_y(y_ptr, _load_v(x_ptr, base, a, p, sxp, mc, dtype, HAS_ADD), base, p, sxp, mc, c_mean, A, B,
+                     SILU)
+
+
+# Split forward, for groups larger than one chunk: program (tile, chunk) instead of one program looping over a
+# tile's chunks, so a few large groups (ADM 64x64 at batch 64: 512 tiles of 16 chunks) still fill the GPU. The
+# stats kernel writes each chunk's (mean, M2) per group; the apply kernel merges a tile's partials in chunk order
+# with the same formula as the loop (so both paths give bit-identical results), then normalises its chunk.
+@triton.jit
+def _gn_fwd_stats_kernel(x_ptr, add_ptr, part_ptr, P, G, sxn, sxc, sxp, add_sn, add_sc, num_chunks,
+                         Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr,
+                         BLOCK_G: tl.constexpr, HAS_ADD: tl.constexpr):
+    n, g0, cw, col_ok, hot, c, base, a = _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW, BLOCK_G,
+                                               HAS_ADD)
+    ch = tl.program_id(1)
+    p = ch * BLOCK_P + tl.arange(0, BLOCK_P)
+    m = (p < P)[:, None] & col_ok[None, :]
+    v = _load_v(x_ptr, base, a, p, sxp, m, x_ptr.dtype.element_ty, HAS_ADD)
+    mean_b, corr_b, m2_b = _chunk_stats(v, m, hot, _chunk_counts(ch, P, Cg, BLOCK_P)[1])
+    gi = tl.arange(0, BLOCK_G)
+    part = part_ptr + ((n * G + g0 + gi) * num_chunks + ch) * 2  # [N, G, chunks, (mean, M2)] fp32
+    tl.store(part, mean_b + corr_b, mask=gi < GPB)
+    tl.store(part + 1, m2_b, mask=gi < GPB)
+
+
+@triton.jit
+def _gn_fwd_apply_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, part_ptr, mean_ptr, rstd_ptr,
+                         P, G, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, eps, num_chunks,
+                         Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr,
+                         BLOCK_G: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr):
+    n, g0, cw, col_ok, hot, c, base, a = _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW, BLOCK_G,
+                                               HAS_ADD)
+    dtype = x_ptr.dtype.element_ty
+    gi = tl.arange(0, BLOCK_G)
+    g_ok = gi < GPB
+    mean = tl.zeros([BLOCK_G], tl.float32)
+    m2 = tl.zeros([BLOCK_G], tl.float32)
+    part = part_ptr + (n * G + g0 + gi) * num_chunks * 2
+    for k in range(0, num_chunks):
+        count, count_b = _chunk_counts(k, P, Cg, BLOCK_P)
+        mean, m2 = _chan_merge(mean, m2, count, tl.load(part + 2 * k, mask=g_ok, other=0.0),
+                               tl.load(part + 2 * k + 1, mask=g_ok, other=0.0), count_b)
+    rstd = 1.0 / tl.sqrt(m2 / (P * Cg * 1.0) + eps)
+    ch = tl.program_id(1)
+    if ch == 0:
+        tl.store(mean_ptr + n * G + g0 + gi, mean, mask=g_ok)
+        tl.store(rstd_ptr + n * G + g0 + gi, rstd, mask=g_ok)
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, col_ok, sc_sn, sc_sc, sh_sn, sh_sc,
+                                   dtype, HAS_SS)
+    c_mean, A, B = _fold_affine(w, b, s1, sh, hot, mean, tl.zeros([BLOCK_G], tl.float32), rstd)
+    p = ch * BLOCK_P + tl.arange(0, BLOCK_P)
+    m = (p < P)[:, None] & col_ok[None, :]
+    _store_y(y_ptr, _load_v(x_ptr, base, a, p, sxp, m, dtype, HAS_ADD), base, p, sxp, m, c_mean, A, B, SILU)
 
 
 @triton.jit
@@ -259,9 +327,9 @@ def _bwd_chunk(dy_ptr, x_ptr, base, a, p, sxp, m, c_mean, c_rstd, w, b, s1, sh, 
 def _gn_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                    sum1_ptr, sum2_ptr, sum3_ptr,
                    P, C, G, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, num_chunks,
-                   Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr, BLOCK_G: tl.constexpr,
-                   HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr, NEED_DADD: tl.constexpr,
-                   ONE_CHUNK: tl.constexpr):
+                   Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr,
+                   BLOCK_G: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr,
+                   NEED_DADD: tl.constexpr, ONE_CHUNK: tl.constexpr):
     n, g0, cw, col_ok, hot, c, base, a = _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW, BLOCK_G,
                                                HAS_ADD)
     dtype = x_ptr.dtype.element_ty
@@ -386,12 +454,20 @@ def forward(x, weight, bias, pre_add, scale, shift, num_groups, eps, silu):
     w = weight.to(torch.float32).contiguous()
     b = bias.to(torch.float32).contiguous()
     has_ss = scale is not None
-    _gn_fwd_kernel[(N * (G // gpb),)](
-        x, y, w, b, pre_add if pre_add is not None else x, scale if has_ss else x, shift if has_ss else x,
-        mean, rstd, P, G, sxn, sxc, sxp, *_bcast_strides(pre_add), *_bcast_strides(scale),
-        *_bcast_strides(shift), float(eps), chunks, Cg=C // G, GPB=gpb,
-        BLOCK_P=block_p, BLOCK_CW=block_cw, BLOCK_G=block_g, HAS_ADD=pre_add is not None, HAS_SS=has_ss,
-        SILU=bool(silu), ONE_CHUNK=chunks == 1, num_warps=num_warps)
+    add, sc, sh = pre_add if pre_add is not None else x, scale if has_ss else x, shift if has_ss else x
+    tiles = N * (G // gpb)
+    tile = dict(Cg=C // G, GPB=gpb, BLOCK_P=block_p, BLOCK_CW=block_cw, BLOCK_G=block_g, HAS_ADD=pre_add is not None,
+                num_warps=num_warps)
+    flags = dict(HAS_SS=has_ss, SILU=bool(silu))
+    strides = (*_bcast_strides(pre_add), *_bcast_strides(scale), *_bcast_strides(shift))
+    if chunks > 1 and CONFIG['split_fwd']:
+        part = torch.empty((N, G, chunks, 2), device=x.device, dtype=torch.float32)
+        _gn_fwd_stats_kernel[(tiles, chunks)](x, add, part, P, G, sxn, sxc, sxp, *strides[:2], chunks, **tile)
+        _gn_fwd_apply_kernel[(tiles, chunks)](x, y, w, b, add, sc, sh, part, mean, rstd, P, G, sxn, sxc, sxp,
+                                              *strides, float(eps), chunks, **tile, **flags)
+    else:
+        _gn_fwd_kernel[(tiles,)](x, y, w, b, add, sc, sh, mean, rstd, P, G, sxn, sxc, sxp, *strides, float(eps),
+                                 chunks, **tile, **flags, ONE_CHUNK=chunks == 1)
     return y, mean, rstd
 
 

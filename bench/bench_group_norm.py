@@ -201,11 +201,12 @@ def main(argv=None):
     harness.print_table(table, columns=('case', 'mode', 'provider', 'layout', 'ms', 'GBps', 'copy', 'vs_compiled'))
 
 
-# (elements per chunk, elements per warp[, split_fwd]) per direction; split_fwd False: groups larger than a chunk
-# are looped over by one program instead of split over (tile, chunk) programs.
+# (elements per chunk, elements per warp[, split]) per direction; split False: groups larger than a chunk are
+# looped over by one program instead of split over (tile, chunk) programs (CONFIG split_fwd / split_bwd).
 SWEEP = {'fwd': list(itertools.product((2048, 4096, 8192, 16384), (512, 1024))) + [(4096, 512, False),
                                                                                   (8192, 1024, False)],
-         'bwd': list(itertools.product((1024, 2048, 4096, 8192), (512, 1024)))}
+         'bwd': list(itertools.product((1024, 2048, 4096, 8192), (512, 1024))) + [(2048, 512, False),
+                                                                                 (8192, 1024, False)]}
 
 
 def sweep(cases, repeats, settings=SWEEP):
@@ -213,12 +214,13 @@ def sweep(cases, repeats, settings=SWEEP):
     from edm_fast.ops.triton import group_norm as kernels
     records, summary = [], []
     for direction, options in settings.items():
-        default, split, totals = kernels.CONFIG[direction], kernels.CONFIG['split_fwd'], {}
         backward = direction.endswith('bwd')
+        split_key = 'split_bwd' if backward else 'split_fwd'
+        default, split, totals = kernels.CONFIG[direction], kernels.CONFIG[split_key], {}
         try:
             for setting in options:
                 kernels.CONFIG[direction] = setting[:2]
-                kernels.CONFIG['split_fwd'] = setting[2] if len(setting) > 2 else split
+                kernels.CONFIG[split_key] = setting[2] if len(setting) > 2 else split
                 label = f'triton[{direction}={"/".join(map(str, setting))}]'
                 totals[setting] = 0.0
                 for net, N, C, H, W, G, eps, variant in cases:
@@ -236,12 +238,12 @@ def sweep(cases, repeats, settings=SWEEP):
                                                   tile=setting[0], warp_elems=setting[1],
                                                   gbps=min_bytes(t, backward) / ms / 1e6))
         finally:
-            kernels.CONFIG[direction], kernels.CONFIG['split_fwd'] = default, split
+            kernels.CONFIG[direction], kernels.CONFIG[split_key] = default, split
         ranked = sorted((ms, s) for s, ms in totals.items() if ms == ms)
         if ranked:
             summary.append(f'  {direction}: best {ranked[0][1]} {ranked[0][0]:.3f} ms, default {default} '
                            f'{totals.get(default, float("nan")):.3f} ms over {len(cases)} cases')
-    print('\nTriton sweep (CONFIG[direction] = (elements per chunk, elements per warp[, split_fwd])):\n'
+    print('\nTriton sweep (CONFIG[direction] = (elements per chunk, elements per warp[, split])):\n'
           + '\n'.join(summary))
     return records
 

@@ -149,7 +149,7 @@ def _gn_case(shape, groups, variant, fmt, dtype=torch.float16, mode='fwd', min_p
                 k.backward(torch.empty_like(x), x, w, b, add, *ss, mean, rstd, groups, True, add is not None)
         size = x.numel() * x.element_size()
         return {'_gn_fwd_kernel': 2 * size, '_gn_fwd_stats_kernel': size, '_gn_fwd_apply_kernel': 2 * size,
-                '_gn_bwd_kernel': 3 * size}
+                '_gn_bwd_kernel': 3 * size, '_gn_bwd_sums_kernel': 2 * size, '_gn_bwd_apply_kernel': 3 * size}
     return run
 
 

@@ -148,10 +148,10 @@ def test_group_norm_sweep_runs_on_cpu(monkeypatch):
                         functools.partial(bench_group_norm.make_inputs, device='cpu'))
     before = dict(kernels.CONFIG)
     cases = [('tiny', 2, 16, 8, 8, 4, 1e-5, 'add')]
-    settings = {'interpret_fwd': [(64, 512), (256, 512, False)], 'interpret_bwd': [(64, 512)]}
+    settings = {'interpret_fwd': [(64, 512), (256, 512, False)], 'interpret_bwd': [(64, 512, False)]}
     records = bench_group_norm.sweep(cases, repeats=1, settings=settings)
     assert kernels.CONFIG == before
     assert [(r['provider'], r['case'].split()[-1]) for r in records] == [
         ('triton[interpret_fwd=64/512]', 'fwd'), ('triton[interpret_fwd=256/512/False]', 'fwd'),
-        ('triton[interpret_bwd=64/512]', 'fwd+bwd')]
+        ('triton[interpret_bwd=64/512/False]', 'fwd+bwd')]
     assert all(r['value'] > 0 and r['gbps'] > 0 for r in records)

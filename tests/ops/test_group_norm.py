@@ -184,21 +184,27 @@ def test_triton_gpu_tiles_match_reference(shape, num_groups, dtype, channels_las
 @pytest.mark.parametrize('dtype, channels_last, variant', [(torch.float32, True, 'adm_scale_shift'),
                                                            (torch.float16, False, 'ddpmpp_add'),
                                                            (torch.bfloat16, True, 'adm_mixed_bcast')])
-def test_triton_split_forward_equals_loop(dtype, channels_last, variant, monkeypatch):
+def test_triton_split_equals_loop(dtype, channels_last, variant, monkeypatch):
     """Groups larger than one chunk: one program per (tile, chunk) in two kernels gives bit for bit what one
-    program looping over the tile gives (the same per-chunk statistics, merged in the same order)."""
-    inputs, act = _make_inputs((2, 48, 12, 12), 4, dtype, channels_last, variant)  # 12 x 144 per group
+    program looping over the tile gives (the same per-chunk sums, merged in the same order), forward and backward
+    (all six gradients)."""
+    inputs, act = _make_inputs((2, 48, 12, 11), 4, dtype, channels_last, variant)  # 12 x 132 per group
     monkeypatch.setitem(triton_gn.CONFIG, 'interpret_fwd', (256, 512))
+    monkeypatch.setitem(triton_gn.CONFIG, 'interpret_bwd', (256, 512))
     w, b, add, scale, shift = (inputs[k] for k in ('weight', 'bias', 'pre_add', 'scale', 'shift'))
     x = inputs['x']
-    plan = triton_gn._tile_config(2, 48, 4, 144, x.element_size(), channels_last, 256)
-    assert plan[4] > 2, plan  # several chunks, the last one partial
-    outs = {}
+    plan = triton_gn._tile_config(2, 48, 4, 132, x.element_size(), channels_last, 256)
+    assert plan[4] > 2 and 132 % plan[1], plan  # several chunks, the last one partial
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    outs, grads = {}, {}
     for split in (False, True):
         monkeypatch.setitem(triton_gn.CONFIG, 'split_fwd', split)
-        outs[split] = triton_gn.forward(x, w, b, add, scale, shift, 4, 1e-5, act == 'silu')
-    for loop, split in zip(outs[False], outs[True]):
+        monkeypatch.setitem(triton_gn.CONFIG, 'split_bwd', split)
+        outs[split] = y, mean, rstd = triton_gn.forward(x, w, b, add, scale, shift, 4, 1e-5, act == 'silu')
+        grads[split] = triton_gn.backward(dy, x, w, b, add, scale, shift, mean, rstd, 4, act == 'silu', True)
+    for loop, split in zip(outs[False] + grads[False], outs[True] + grads[True]):
         assert torch.equal(loop, split)
+    assert sum(g.numel() > 0 for g in grads[True]) == (4 if add is not None else 5)  # dx, dw, db, + the extras
     assert outs[True][0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     # ... and the split forward is as accurate as PyTorch (on NCHW input) against the fp64 truth.
     extras = dict(pre_add=add, scale=scale, shift=shift, act=act)
@@ -251,6 +257,8 @@ for dt, one, ones in (('fp16', True, dict(Cg=8, GPB=4)), ('bf16', False, dict(Cg
     f32['part_ptr'] = '*fp32'
     compile_(k._gn_fwd_stats_kernel, {**io, **f32}, dict(BLOCK_P=128, **flags), 8)
     compile_(k._gn_fwd_apply_kernel, {**io, **f32}, dict(BLOCK_P=128, **flags), 8)
+    compile_(k._gn_bwd_sums_kernel, {**io, **f32}, dict(BLOCK_P=128, **flags), 8)
+    compile_(k._gn_bwd_apply_kernel, {**io, **f32}, dict(BLOCK_P=128, NEED_DADD=True, **flags), 8)
     compile_(k._gn_bwd_kernel, {**io, **f32}, dict(BLOCK_P=128, NEED_DADD=True, **flags), 8)
     compile_(k._gn_param_grad_kernel, {**f32, 'dw_ptr': '*fp32', 'db_ptr': '*fp32',
              **dict.fromkeys(('x_ptr', 'scale_ptr', 'dscale_ptr', 'dshift_ptr', 'dadd_ptr'), '*' + dt)},

@@ -44,10 +44,12 @@ CHANNELS_LAST = ['gn-ddpmpp-32-add-cl-fwd', 'gn-ddpmpp-8-add-cl-fwd', 'gn-adm-64
 def test_channels_last_fp16_kernels_use_16_byte_accesses(report, case):
     for r in _streaming(report, case):
         ld, st = ({int(k): v for k, v in r['access'][op].items()} for op in ('ld', 'st'))
-        # The split GroupNorm's statistics kernel reads activations and writes only fp32 partial sums.
-        assert 16 in ld and (16 in st or r['kernel'] == '_gn_fwd_stats_kernel'), (r['kernel'], r['access'])
-        # 2-byte accesses in an fp16 kernel are single elements: per-element activation traffic, not vectorised.
-        assert 2 not in ld and 2 not in st, (r['kernel'], r['access'])
+        # The split GroupNorm's sums kernels read activations and write only fp32 partial sums.
+        assert 16 in ld and (16 in st or r['kernel'].endswith(('_stats_kernel', '_sums_kernel'))), r
+        # 2-byte accesses in an fp16 kernel are single elements. Per-element activation traffic shows as dozens of
+        # them (33 loads and 32 stores per program in the GroupNorm forward before the fix); a per-channel
+        # parameter load that the compiler leaves scalar for a masked 24-column tile is one.
+        assert ld.get(2, 0) <= 1 and 2 not in st, (r['kernel'], r['access'])
 
 
 def test_no_kernel_spills_registers(report):

@@ -16,8 +16,9 @@ through (sample, channel, pixel) strides, so the same kernel serves NCHW (pixel 
             batch into the weight/bias gradients (and broadcast scale/shift/pre-add ones) in a fixed order:
             deterministic, no atomics.
 Grid: one program per (sample, block of GPB groups); the parameter-gradient kernel one per BLOCK_C channels. A
-forward whose groups exceed one chunk runs split instead (CONFIG['split_fwd']): one program per (tile, chunk) for
-the chunk statistics, then one per (tile, chunk) that merges them in chunk order and normalises its chunk.
+forward or backward whose groups exceed one chunk runs split instead (CONFIG['split_fwd'], ['split_bwd']): one
+program per (tile, chunk) for the chunk sums, then one per (tile, chunk) that merges them in chunk order and
+computes its chunk's output.
 Precision: everything in fp32 right after loading (bf16 arithmetic is also unreliable in the interpreter).
 As the reference casts weight/bias to x.dtype and computes x + pre_add and scale + 1 in x.dtype, those
 values are rounded to x.dtype before use; nothing else is rounded until the output.
@@ -43,10 +44,11 @@ INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
 # and 2-byte accesses. Smaller chunks give more programs per SM but stream, so x is read twice: 4096 gives 4 per SM.
 # The interpreter pays per program instead, so it keeps large chunks. Not yet timed on a GPU:
 # bench/bench_group_norm.py --sweep times the alternatives.
-# split_fwd: a group larger than one chunk is handled by one program per (tile, chunk) in two kernels (statistics,
-# then merge and apply) rather than by one program looping over the tile (see _gn_fwd_stats_kernel).
+# split_fwd, split_bwd: a group larger than one chunk is handled by one program per (tile, chunk) in two kernels
+# (chunk sums, then merge and apply) rather than by one program looping over the tile (_gn_fwd_stats_kernel,
+# _gn_bwd_sums_kernel).
 CONFIG = {'fwd': (8192, 1024), 'bwd': (8192, 1024), 'interpret_fwd': (16384, 512), 'interpret_bwd': (8192, 512),
-          'split_fwd': True}
+          'split_fwd': True, 'split_bwd': True}
 
 
 def _next_pow2(v):
@@ -324,19 +326,46 @@ def _bwd_chunk(dy_ptr, x_ptr, base, a, p, sxp, m, c_mean, c_rstd, w, b, s1, sh, 
 
 
 @triton.jit
+def _bwd_tile(add_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, G, sxn, sxc, add_sn, add_sc, sc_sn,
+              sc_sc, sh_sn, sh_sc, dtype, Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_CW: tl.constexpr,
+              BLOCK_G: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr):
+    """The tile of _tile plus its per-column parameters and forward statistics."""
+    n, g0, cw, col_ok, hot, c, base, a = _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW, BLOCK_G,
+                                               HAS_ADD)
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, col_ok, sc_sn, sc_sc, sh_sn, sh_sc,
+                                   dtype, HAS_SS)
+    c_mean = tl.load(mean_ptr + n * G + g0 + cw // Cg, mask=col_ok, other=0.0)
+    c_rstd = tl.load(rstd_ptr + n * G + g0 + cw // Cg, mask=col_ok, other=0.0)
+    return n, col_ok, hot, c, base, a, w, b, s1, sh, c_mean, c_rstd
+
+
+@triton.jit
+def _group_means(ws1, sum1, sum2, hot, inv_count):
+    """Group means of dxhat = du*w*s1 and of dxhat*xhat from the per-column sums, broadcast back to the columns."""
+    m1 = tl.sum(hot * (tl.sum((ws1 * sum1)[:, None] * hot, axis=0) * inv_count)[None, :], axis=1)
+    m2 = tl.sum(hot * (tl.sum((ws1 * sum2)[:, None] * hot, axis=0) * inv_count)[None, :], axis=1)
+    return m1, m2
+
+
+@triton.jit
+def _store_dx(dx_ptr, du, xhat, base, p, sxp, m, c_rstd, ws1, m1, m2):
+    """dx = rstd*(dxhat - m1 - xhat*m2) of one chunk, stored; returns its per-column sum (the pre-add gradient)."""
+    dx = tl.where(m, c_rstd[None, :] * (ws1[None, :] * du - m1[None, :] - xhat * m2[None, :]), 0.0)
+    tl.store(dx_ptr + base[None, :] + p[:, None] * sxp, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    return tl.sum(dx, axis=0)
+
+
+@triton.jit
 def _gn_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                    sum1_ptr, sum2_ptr, sum3_ptr,
                    P, C, G, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, num_chunks,
                    Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr,
                    BLOCK_G: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr,
                    NEED_DADD: tl.constexpr, ONE_CHUNK: tl.constexpr):
-    n, g0, cw, col_ok, hot, c, base, a = _tile(add_ptr, G, Cg, GPB, sxn, sxc, add_sn, add_sc, BLOCK_CW, BLOCK_G,
-                                               HAS_ADD)
     dtype = x_ptr.dtype.element_ty
-    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, col_ok, sc_sn, sc_sc, sh_sn, sh_sc,
-                                   dtype, HAS_SS)
-    c_mean = tl.load(mean_ptr + n * G + g0 + cw // Cg, mask=col_ok, other=0.0)
-    c_rstd = tl.load(rstd_ptr + n * G + g0 + cw // Cg, mask=col_ok, other=0.0)
+    n, col_ok, hot, c, base, a, w, b, s1, sh, c_mean, c_rstd = _bwd_tile(
+        add_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, G, sxn, sxc, add_sn, add_sc, sc_sn, sc_sc,
+        sh_sn, sh_sc, dtype, Cg, GPB, BLOCK_CW, BLOCK_G, HAS_ADD, HAS_SS)
     rows = tl.arange(0, BLOCK_P)
 
     if ONE_CHUNK:
@@ -358,16 +387,10 @@ def _gn_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shif
     tl.store(sum1_ptr + n * C + c, sum1, mask=col_ok)
     tl.store(sum2_ptr + n * C + c, sum2, mask=col_ok)
 
-    # Group means of dxhat = du*w*s1 and of dxhat*xhat, broadcast back to the columns.
     ws1 = w * s1
-    inv_count = 1.0 / (P * Cg * 1.0)
-    m1 = tl.sum(hot * (tl.sum((ws1 * sum1)[:, None] * hot, axis=0) * inv_count)[None, :], axis=1)
-    m2 = tl.sum(hot * (tl.sum((ws1 * sum2)[:, None] * hot, axis=0) * inv_count)[None, :], axis=1)
+    m1, m2 = _group_means(ws1, sum1, sum2, hot, 1.0 / (P * Cg * 1.0))
     if ONE_CHUNK:
-        dx = tl.where(m, c_rstd[None, :] * (ws1[None, :] * du - m1[None, :] - xhat * m2[None, :]), 0.0)
-        tl.store(dx_ptr + base[None, :] + rows[:, None] * sxp, dx.to(dx_ptr.dtype.element_ty), mask=m)
-        if NEED_DADD:
-            tl.store(sum3_ptr + n * C + c, tl.sum(dx, axis=0), mask=col_ok)
+        sum3 = _store_dx(dx_ptr, du, xhat, base, rows, sxp, m, c_rstd, ws1, m1, m2)
     else:
         sum3 = tl.zeros([BLOCK_CW], tl.float32)
         for ch in range(0, num_chunks):
@@ -375,17 +398,67 @@ def _gn_bwd_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shif
             mc = (p < P)[:, None] & col_ok[None, :]
             duc, xhatc = _bwd_chunk(dy_ptr, x_ptr, base, a, p, sxp, mc, c_mean, c_rstd, w, b, s1, sh, dtype,
                                     HAS_ADD, SILU)
-            dx = tl.where(mc, c_rstd[None, :] * (ws1[None, :] * duc - m1[None, :] - xhatc * m2[None, :]), 0.0)
-            tl.store(dx_ptr + base[None, :] + p[:, None] * sxp, dx.to(dx_ptr.dtype.element_ty), mask=mc)
-            if NEED_DADD:
-                sum3 += tl.sum(dx, axis=0)
-        if NEED_DADD:
-            tl.store(sum3_ptr + n * C + c, sum3, mask=col_ok)
+            sum3 += _store_dx(dx_ptr, duc, xhatc, base, p, sxp, mc, c_rstd, ws1, m1, m2)
+    if NEED_DADD:
+        tl.store(sum3_ptr + n * C + c, sum3, mask=col_ok)
+
+
+# Split backward, for groups larger than one chunk (as the split forward): the sums kernel writes each chunk's
+# per-channel sums of du and du*xhat ([N, chunks, 2, C]); the apply kernel adds a sample's partials in chunk order
+# (as the loop does, so both paths agree bit for bit), computes dx for its chunk and writes that chunk's per-channel
+# sum of dx ([N, chunks, C]), which the parameter-gradient kernel adds in chunk order.
+@triton.jit
+def _gn_bwd_sums_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, part_ptr,
+                        P, C, G, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, num_chunks,
+                        Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr,
+                        BLOCK_G: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr):
+    dtype = x_ptr.dtype.element_ty
+    n, col_ok, hot, c, base, a, w, b, s1, sh, c_mean, c_rstd = _bwd_tile(
+        add_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, G, sxn, sxc, add_sn, add_sc, sc_sn, sc_sc,
+        sh_sn, sh_sc, dtype, Cg, GPB, BLOCK_CW, BLOCK_G, HAS_ADD, HAS_SS)
+    ch = tl.program_id(1)
+    p = ch * BLOCK_P + tl.arange(0, BLOCK_P)
+    m = (p < P)[:, None] & col_ok[None, :]
+    du, xhat = _bwd_chunk(dy_ptr, x_ptr, base, a, p, sxp, m, c_mean, c_rstd, w, b, s1, sh, dtype, HAS_ADD, SILU)
+    part = part_ptr + (n * num_chunks + ch) * 2 * C + c
+    tl.store(part, tl.sum(du, axis=0), mask=col_ok)
+    tl.store(part + C, tl.sum(du * xhat, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _gn_bwd_apply_kernel(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+                         part_ptr, sum1_ptr, sum2_ptr, sum3_ptr,
+                         P, C, G, sxn, sxc, sxp, add_sn, add_sc, sc_sn, sc_sc, sh_sn, sh_sc, num_chunks,
+                         Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr,
+                         BLOCK_G: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, SILU: tl.constexpr,
+                         NEED_DADD: tl.constexpr):
+    dtype = x_ptr.dtype.element_ty
+    n, col_ok, hot, c, base, a, w, b, s1, sh, c_mean, c_rstd = _bwd_tile(
+        add_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, G, sxn, sxc, add_sn, add_sc, sc_sn, sc_sc,
+        sh_sn, sh_sc, dtype, Cg, GPB, BLOCK_CW, BLOCK_G, HAS_ADD, HAS_SS)
+    sum1 = tl.zeros([BLOCK_CW], tl.float32)
+    sum2 = tl.zeros([BLOCK_CW], tl.float32)
+    for k in range(0, num_chunks):
+        part = part_ptr + (n * num_chunks + k) * 2 * C + c
+        sum1 += tl.load(part, mask=col_ok, other=0.0)
+        sum2 += tl.load(part + C, mask=col_ok, other=0.0)
+    ch = tl.program_id(1)
+    if ch == 0:
+        tl.store(sum1_ptr + n * C + c, sum1, mask=col_ok)
+        tl.store(sum2_ptr + n * C + c, sum2, mask=col_ok)
+    ws1 = w * s1
+    m1, m2 = _group_means(ws1, sum1, sum2, hot, 1.0 / (P * Cg * 1.0))
+    p = ch * BLOCK_P + tl.arange(0, BLOCK_P)
+    m = (p < P)[:, None] & col_ok[None, :]
+    du, xhat = _bwd_chunk(dy_ptr, x_ptr, base, a, p, sxp, m, c_mean, c_rstd, w, b, s1, sh, dtype, HAS_ADD, SILU)
+    sum3 = _store_dx(dx_ptr, du, xhat, base, p, sxp, m, c_rstd, ws1, m1, m2)
+    if NEED_DADD:
+        tl.store(sum3_ptr + (n * num_chunks + ch) * C + c, sum3, mask=col_ok)
 
 
 @triton.jit
 def _gn_param_grad_kernel(sum1_ptr, sum2_ptr, sum3_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, sc_sn, sc_sc,
-                          dw_ptr, db_ptr, dscale_ptr, dshift_ptr, dadd_ptr, N, C,
+                          dw_ptr, db_ptr, dscale_ptr, dshift_ptr, dadd_ptr, N, C, K,
                           BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SS: tl.constexpr,
                           SCALE_BCAST: tl.constexpr, SHIFT_BCAST: tl.constexpr, NEED_DADD: tl.constexpr,
                           ADD_BCAST: tl.constexpr):
@@ -424,7 +497,10 @@ def _gn_param_grad_kernel(sum1_ptr, sum2_ptr, sum3_ptr, x_ptr, w_ptr, b_ptr, sca
             dw += tl.sum(s2, axis=0)
             db += tl.sum(s1, axis=0)
         if NEED_DADD:
-            s3 = tl.load(sum3_ptr + nc, mask=ok, other=0.0)
+            # sum3: [N, K, C], K chunk partials per sample (1 unless the backward ran split), added in order.
+            s3 = tl.load(sum3_ptr + n[:, None] * K * C + c[None, :], mask=ok, other=0.0)
+            for k in range(1, K):
+                s3 += tl.load(sum3_ptr + (n[:, None] * K + k) * C + c[None, :], mask=ok, other=0.0)
             if ADD_BCAST:
                 dadd += tl.sum(s3, axis=0)
             else:
@@ -485,17 +561,26 @@ def backward(dy, x, weight, bias, pre_add, scale, shift, mean, rstd, num_groups,
     dx = torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
     need_dadd = bool(need_pre_add_grad) and pre_add is not None
+    split = chunks > 1 and CONFIG['split_bwd']
+    parts = chunks if split else 1  # sum3 partials per sample
     sum1, sum2 = torch.empty((N, C), **f32), torch.empty((N, C), **f32)
-    sum3 = torch.empty((N, C), **f32) if need_dadd else sum1
+    sum3 = torch.empty((N, parts, C), **f32) if need_dadd else sum1
     w = weight.to(torch.float32).contiguous()
     b = bias.to(torch.float32).contiguous()
     has_ss = scale is not None
-    _gn_bwd_kernel[(N * (G // gpb),)](
-        dy, x, dx, w, b, pre_add if pre_add is not None else x, scale if has_ss else x, shift if has_ss else x,
-        mean, rstd, sum1, sum2, sum3, P, C, G, sxn, sxc, sxp, *_bcast_strides(pre_add),
-        *_bcast_strides(scale), *_bcast_strides(shift), chunks, Cg=C // G, GPB=gpb,
-        BLOCK_P=block_p, BLOCK_CW=block_cw, BLOCK_G=block_g, HAS_ADD=pre_add is not None, HAS_SS=has_ss,
-        SILU=bool(silu), NEED_DADD=need_dadd, ONE_CHUNK=chunks == 1, num_warps=num_warps)
+    add, sc, sh = pre_add if pre_add is not None else x, scale if has_ss else x, shift if has_ss else x
+    tiles = N * (G // gpb)
+    args = (P, C, G, sxn, sxc, sxp, *_bcast_strides(pre_add), *_bcast_strides(scale), *_bcast_strides(shift), chunks)
+    meta = dict(Cg=C // G, GPB=gpb, BLOCK_P=block_p, BLOCK_CW=block_cw, BLOCK_G=block_g, HAS_ADD=pre_add is not None,
+                HAS_SS=has_ss, SILU=bool(silu), num_warps=num_warps)
+    if split:
+        part = torch.empty((N, chunks, 2, C), **f32)
+        _gn_bwd_sums_kernel[(tiles, chunks)](dy, x, w, b, add, sc, sh, mean, rstd, part, *args, **meta)
+        _gn_bwd_apply_kernel[(tiles, chunks)](dy, x, dx, w, b, add, sc, sh, mean, rstd, part, sum1, sum2, sum3,
+                                              *args, **meta, NEED_DADD=need_dadd)
+    else:
+        _gn_bwd_kernel[(tiles,)](dy, x, dx, w, b, add, sc, sh, mean, rstd, sum1, sum2, sum3, *args, **meta,
+                                 NEED_DADD=need_dadd, ONE_CHUNK=chunks == 1)
 
     empty = lambda: x.new_empty(0)  # noqa: E731  (a fresh one each: operator outputs must not alias)
     dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
@@ -508,7 +593,7 @@ def backward(dy, x, weight, bias, pre_add, scale, shift, mean, rstd, num_groups,
     _gn_param_grad_kernel[(triton.cdiv(C, block_c),)](
         sum1, sum2, sum3, x, w, b, scale if has_ss else x, *_bcast_strides(scale),
         dweight, dbias, dscale if has_ss else dweight, dshift if has_ss else dweight,
-        dpre_add if need_dadd else dweight, N, C,
+        dpre_add if need_dadd else dweight, N, C, parts,
         BLOCK_N=block_n, BLOCK_C=block_c, HAS_SS=has_ss, SCALE_BCAST=has_ss and scale.shape[0] < N,
         SHIFT_BCAST=has_ss and shift.shape[0] < N, NEED_DADD=need_dadd, ADD_BCAST=need_dadd and pre_add.shape[0] < N,
         num_warps=4)

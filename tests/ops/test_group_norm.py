@@ -216,11 +216,19 @@ def test_triton_split_equals_loop(dtype, channels_last, variant, monkeypatch):
     assert err(outs[True][0]) <= 2 * err_torch + 4 * EPS[dtype], (err(outs[True][0]), err_torch)
 
 
-def test_triton_stats_survive_large_offsets():
-    """mean 1000, std 1e-2 in fp32: a one-pass E[x^2] - E[x]^2 would lose every digit of the variance."""
+@pytest.mark.parametrize('path', ['resident', 'loop', 'split'])
+def test_triton_stats_survive_large_offsets(path, monkeypatch):
+    """mean 1000, std 1e-2 in fp32: a one-pass E[x^2] - E[x]^2 would lose every digit of the variance, and a mean
+    merged over chunks as a plain fp32 number would be off by ulp(1000) = 6e-5, 0.6% of the std."""
+    if path != 'resident':
+        key = 'interpret_fwd' if triton_gn.INTERPRETED else 'fwd'
+        monkeypatch.setitem(triton_gn.CONFIG, key, (64, 512))
+        monkeypatch.setitem(triton_gn.CONFIG, 'split_fwd', path == 'split')
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     x = torch.randn(2, 16, 8, 8, generator=gen, device=DEVICE) * 1e-2 + 1000
     w, b = torch.ones(16, device=DEVICE), torch.zeros(16, device=DEVICE)
+    plan = triton_gn._tile_config(2, 16, 4, 64, 4, False, *triton_gn._config(x, 'fwd'))
+    assert (plan[4] > 1) == (path != 'resident'), plan
     y = ops.group_norm(x, w, b, 4, 1e-6, backend='triton')
     truth = torch.nn.functional.group_norm(x.double(), 4, w.double(), b.double(), 1e-6)
     assert (y.double() - truth).abs().max() < 2e-3

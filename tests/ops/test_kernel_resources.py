@@ -47,9 +47,10 @@ def test_channels_last_fp16_kernels_use_16_byte_accesses(report, case):
         # The split GroupNorm's sums kernels read activations and write only fp32 partial sums.
         assert 16 in ld and (16 in st or r['kernel'].endswith(('_stats_kernel', '_sums_kernel'))), r
         # 2-byte accesses in an fp16 kernel are single elements. Per-element activation traffic shows as dozens of
-        # them (33 loads and 32 stores per program in the GroupNorm forward before the fix); a per-channel
-        # parameter load that the compiler leaves scalar for a masked 24-column tile is one.
-        assert ld.get(2, 0) <= 1 and 2 not in st, (r['kernel'], r['access'])
+        # them (33 loads and 32 stores per program in the GroupNorm forward before the fix); the few allowed here
+        # are per-group or per-channel scalars (the split kernels' statistics shift, a scale load the compiler
+        # leaves scalar for a masked 24-column tile).
+        assert ld.get(2, 0) <= 4 and 2 not in st, (r['kernel'], r['access'])
 
 
 def test_no_kernel_spills_registers(report):

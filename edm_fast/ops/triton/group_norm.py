@@ -5,7 +5,8 @@ through (sample, channel, pixel) strides, so the same kernel serves NCHW (pixel 
 (channel stride 1); several groups per program give channels-last rows of at least ~64 bytes.
   forward   for each chunk of BLOCK_P pixels, mean and M2 in registers by the corrected two-pass algorithm
             (mean0 = sum/n, then sum(v - mean0) recovers the rounding of that sum and
-            M2 = sum (v - mean0)^2 - n*corr^2), merged across chunks with Chan's parallel formula; never
+            M2 = sum (v - mean0)^2 - n*corr^2), merged across chunks with Chan's parallel formula as offsets
+            from the group's first element (so the mean keeps its low bits when |mean| >> std); never
             E[x^2] - E[x]^2. Then, per channel, y = act((v - mean) * A + B), A = rstd*w*s1,
             B = b*s1 + shift, s1 = scale + 1 (centred first: folding the mean into B cancels
             catastrophically when |mean| >> std). A group that fits one chunk stays in registers (x is
@@ -192,6 +193,22 @@ def _chunk_counts(ch, P, Cg: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _group_shift(x_ptr, add_ptr, n, g0, sxn, sxc, add_sn, add_sc, Cg: tl.constexpr, GPB: tl.constexpr,
+                 BLOCK_G: tl.constexpr, HAS_ADD: tl.constexpr):
+    """A value near each group's mean (its first element v) that chunked statistics are taken relative to: a
+    chunk's mean minus it is exact, so the merged mean is kept as shift + small offset, as precise as the resident
+    path's mean + mean_lo even when |mean| >> std (a merged plain mean would carry an error of ulp(mean))."""
+    gi = tl.arange(0, BLOCK_G)
+    c = (g0 + gi) * Cg
+    ok = gi < GPB
+    v = tl.load(x_ptr + n.to(tl.int64) * sxn + c * sxc, mask=ok, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        v = (v + tl.load(add_ptr + n * add_sn + c * add_sc, mask=ok, other=0.0).to(tl.float32)).to(
+            x_ptr.dtype.element_ty).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _chan_merge(mean, m2, count, mean_b, m2_b, count_b):
     """Chan's parallel formula: (mean, M2) of count elements merged with a chunk's (mean_b, M2_b) of count_b."""
     total = count + count_b
@@ -232,8 +249,8 @@ def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, me
         # The mean as mean + mean_lo: v - mean is exact for v near the mean, then mean_lo is subtracted.
         mean, mean_lo, m2 = _chunk_stats(v, m, hot, P * Cg * 1.0)
     else:
-        mean_lo = tl.zeros([BLOCK_G], tl.float32)
-        mean = tl.zeros([BLOCK_G], tl.float32)
+        mean = _group_shift(x_ptr, add_ptr, n, g0, sxn, sxc, add_sn, add_sc, Cg, GPB, BLOCK_G, HAS_ADD)
+        mean_lo = tl.zeros([BLOCK_G], tl.float32)  # the mean is mean + mean_lo: the shift plus a merged offset
         m2 = tl.zeros([BLOCK_G], tl.float32)
         for ch in range(0, num_chunks):
             p = ch * BLOCK_P + rows
@@ -241,7 +258,7 @@ def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, me
             vc = _load_v(x_ptr, base, a, p, sxp, mc, dtype, HAS_ADD)
             count, count_b = _chunk_counts(ch, P, Cg, BLOCK_P)
             mean_b, corr_b, m2_b = _chunk_stats(vc, mc, hot, count_b)
-            mean, m2 = _chan_merge(mean, m2, count, mean_b + corr_b, m2_b, count_b)
+            mean_lo, m2 = _chan_merge(mean_lo, m2, count, (mean_b - mean) + corr_b, m2_b, count_b)
     rstd = 1.0 / tl.sqrt(m2 / (P * Cg * 1.0) + eps)
     gi = tl.arange(0, BLOCK_G)
     tl.store(mean_ptr + n * G + g0 + gi, mean + mean_lo, mask=gi < GPB)
@@ -277,7 +294,8 @@ def _gn_fwd_stats_kernel(x_ptr, add_ptr, part_ptr, P, G, sxn, sxc, sxp, add_sn, 
     mean_b, corr_b, m2_b = _chunk_stats(v, m, hot, _chunk_counts(ch, P, Cg, BLOCK_P)[1])
     gi = tl.arange(0, BLOCK_G)
     part = part_ptr + ((n * G + g0 + gi) * num_chunks + ch) * 2  # [N, G, chunks, (mean, M2)] fp32
-    tl.store(part, mean_b + corr_b, mask=gi < GPB)
+    shift = _group_shift(x_ptr, add_ptr, n, g0, sxn, sxc, add_sn, add_sc, Cg, GPB, BLOCK_G, HAS_ADD)
+    tl.store(part, (mean_b - shift) + corr_b, mask=gi < GPB)  # offset from the group's shift, as the loop
     tl.store(part + 1, m2_b, mask=gi < GPB)
 
 
@@ -291,21 +309,22 @@ def _gn_fwd_apply_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_p
     dtype = x_ptr.dtype.element_ty
     gi = tl.arange(0, BLOCK_G)
     g_ok = gi < GPB
-    mean = tl.zeros([BLOCK_G], tl.float32)
+    mean = _group_shift(x_ptr, add_ptr, n, g0, sxn, sxc, add_sn, add_sc, Cg, GPB, BLOCK_G, HAS_ADD)
+    mean_lo = tl.zeros([BLOCK_G], tl.float32)
     m2 = tl.zeros([BLOCK_G], tl.float32)
     part = part_ptr + (n * G + g0 + gi) * num_chunks * 2
     for k in range(0, num_chunks):
         count, count_b = _chunk_counts(k, P, Cg, BLOCK_P)
-        mean, m2 = _chan_merge(mean, m2, count, tl.load(part + 2 * k, mask=g_ok, other=0.0),
-                               tl.load(part + 2 * k + 1, mask=g_ok, other=0.0), count_b)
+        mean_lo, m2 = _chan_merge(mean_lo, m2, count, tl.load(part + 2 * k, mask=g_ok, other=0.0),
+                                  tl.load(part + 2 * k + 1, mask=g_ok, other=0.0), count_b)
     rstd = 1.0 / tl.sqrt(m2 / (P * Cg * 1.0) + eps)
     ch = tl.program_id(1)
     if ch == 0:
-        tl.store(mean_ptr + n * G + g0 + gi, mean, mask=g_ok)
+        tl.store(mean_ptr + n * G + g0 + gi, mean + mean_lo, mask=g_ok)
         tl.store(rstd_ptr + n * G + g0 + gi, rstd, mask=g_ok)
     w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, col_ok, sc_sn, sc_sc, sh_sn, sh_sc,
                                    dtype, HAS_SS)
-    c_mean, A, B = _fold_affine(w, b, s1, sh, hot, mean, tl.zeros([BLOCK_G], tl.float32), rstd)
+    c_mean, A, B = _fold_affine(w, b, s1, sh, hot, mean, mean_lo, rstd)
     p = ch * BLOCK_P + tl.arange(0, BLOCK_P)
     m = (p < P)[:, None] & col_ok[None, :]
     _store_y(y_ptr, _load_v(x_ptr, base, a, p, sxp, m, dtype, HAS_ADD), base, p, sxp, m, c_mean, A, B, SILU)

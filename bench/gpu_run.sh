@@ -46,10 +46,13 @@ for stage in "$@"; do
       python -m edm_fast 2>&1 | tee -a "$LOG"
       ;;
     tests)
-      # One file at a time with its own limit, so a slow or hanging file does not hide the others' results.
+      # One file at a time with its own limit, so a slow or hanging file does not hide the others' results;
+      # several pytest workers where pytest-xdist is installed, so Triton's compiles (cold on a fresh machine)
+      # run in parallel.
       say "tests: GPU-marked tests, file by file"
+      par=""; python -c "import xdist" 2>/dev/null && par="-n ${XDIST:-4}"
       for f in ${TEST_FILES:-tests/ops/test_heun.py tests/ops/test_group_norm.py tests/ops/test_resample.py tests/ops/test_attention.py tests/ops/test_mp_attention.py tests/test_fast.py tests/test_augment.py}; do
-        timeout ${TEST_FILE_TIMEOUT:-150} python -m pytest -q -m gpu -p no:cacheprovider "$f" -rfE --tb=short \
+        timeout ${TEST_FILE_TIMEOUT:-150} python -m pytest -q $par -m gpu -p no:cacheprovider "$f" -rfE --tb=short \
           > "$OUT/tests_$(basename "$f" .py).log" 2>&1
         rc=$?; say "  $f exit $rc: $(tail -n 1 "$OUT/tests_$(basename "$f" .py).log")"
         grep -E "^(FAILED|ERROR)" "$OUT/tests_$(basename "$f" .py).log" | head -8 | cut -c1-200 | tee -a "$LOG"

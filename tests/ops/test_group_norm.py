@@ -623,18 +623,20 @@ def _require(backend):
 
 
 @pytest.mark.gpu
-def test_gpu_preset_shapes_fp16_channels_last():
+@pytest.mark.parametrize('N, C, H, W, G, eps, variant', _preset_shapes(),
+                         ids=lambda v: str(v).replace(' ', ''))
+def test_gpu_preset_shapes_fp16_channels_last(N, C, H, W, G, eps, variant):
     """The production configuration (fp16, channels-last) on every preset GroupNorm call, fwd + bwd, both
-    fast backends against one fp64 truth per call."""
+    fast backends against one fp64 truth per call (one test per call: pytest -n spreads them, a time limit
+    loses only the rest)."""
     backends = _gpu_backends()
-    for N, C, H, W, G, eps, variant in _preset_shapes():
-        inputs, act = _make_inputs((N, C, H, W), G, torch.float16, True, variant, device='cuda')
-        with ops.record_backends() as rec:
-            results = _check_against_truth(inputs, G, eps, act, backends)
-        assert all(rec[('group_norm', b)] == 1 for b in backends), rec
-        assert all(r['y'].is_contiguous(memory_format=torch.channels_last) for r in results.values())
-        del inputs, results
-        torch.cuda.empty_cache()
+    inputs, act = _make_inputs((N, C, H, W), G, torch.float16, True, variant, device='cuda')
+    with ops.record_backends() as rec:
+        results = _check_against_truth(inputs, G, eps, act, backends)
+    assert all(rec[('group_norm', b)] == 1 for b in backends), rec
+    assert all(r['y'].is_contiguous(memory_format=torch.channels_last) for r in results.values())
+    del inputs, results
+    torch.cuda.empty_cache()
 
 
 SUBSET = [(512, 256, 32, 32, 32, 1e-6, 'ddpmpp_add'), (512, 256, 8, 8, 32, 1e-6, 'norm2_plain'),

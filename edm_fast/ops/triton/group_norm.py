@@ -279,8 +279,9 @@ def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, me
 
 # Split forward, for groups larger than one chunk: program (tile, chunk) instead of one program looping over a
 # tile's chunks, so a few large groups (ADM 64x64 at batch 64: 512 tiles of 16 chunks) still fill the GPU. The
-# stats kernel writes each chunk's (mean, M2) per group; the apply kernel merges a tile's partials in chunk order
-# with the same formula as the loop (so both paths give bit-identical results), then normalises its chunk.
+# stats kernel writes each chunk's (mean minus the group's shift, M2) per group; the apply kernel merges a tile's
+# partials in chunk order with the same formula as the loop (so both paths give bit-identical results), then
+# normalises its chunk.
 @triton.jit
 def _gn_fwd_stats_kernel(x_ptr, add_ptr, part_ptr, P, G, sxn, sxc, sxp, add_sn, add_sc, num_chunks,
                          Cg: tl.constexpr, GPB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CW: tl.constexpr,
@@ -291,7 +292,8 @@ def _gn_fwd_stats_kernel(x_ptr, add_ptr, part_ptr, P, G, sxn, sxc, sxp, add_sn, 
     p = ch * BLOCK_P + tl.arange(0, BLOCK_P)
     m = (p < P)[:, None] & col_ok[None, :]
     v = _load_v(x_ptr, base, a, p, sxp, m, x_ptr.dtype.element_ty, HAS_ADD)
-    mean_b, corr_b, m2_b = _chunk_stats(v, m, hot, _chunk_counts(ch, P, Cg, BLOCK_P)[1])
+    _, count_b = _chunk_counts(ch, P, Cg, BLOCK_P)
+    mean_b, corr_b, m2_b = _chunk_stats(v, m, hot, count_b)
     gi = tl.arange(0, BLOCK_G)
     part = part_ptr + ((n * G + g0 + gi) * num_chunks + ch) * 2  # [N, G, chunks, (mean, M2)] fp32
     shift = _group_shift(x_ptr, add_ptr, n, g0, sxn, sxc, add_sn, add_sc, Cg, GPB, BLOCK_G, HAS_ADD)

@@ -1,5 +1,6 @@
 """Training: the loop's closed forms, train.py end to end under torchrun (gloo), kill + exact resume, SIGTERM."""
 
+import collections
 import glob
 import json
 import os
@@ -48,6 +49,30 @@ def train_args(data, outdir, batch=16, extra=()):
     return ['--outdir', str(outdir), '--data', data, '--cond=1', '--arch=ddpmpp', f'--batch={batch}', '--duration=0.001',
             '--cbase=16', '--cres=1,1', f'--tick={batch / 1000}', '--snap=8', '--dump=8', '--lr=2e-3',
             '--lr-rampup=0', '--workers=0', '--seed=7', '--device=cpu', *extra]
+
+
+def kill_tree(pid):
+    """SIGKILL a process and every descendant. torchrun starts each worker in a session of its own, so killing
+    torchrun's process group leaves the workers running (they went on training into the run directory beside
+    the resumed run, and slowed every later test)."""
+    children = collections.defaultdict(list)
+    for stat in glob.glob('/proc/[0-9]*/stat'):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        children[int(fields[1])].append(int(stat.split('/')[2]))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for victim in reversed(tree):  # workers first, so none outlives its parent's death unseen
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
 
 
 def torchrun(args, nproc=2, **kw):
@@ -211,7 +236,7 @@ def test_torchrun_two_processes_kill_and_exact_resume(data, tmp_path):
     assert 'Training for 1 kimg' in log and 'tick 62' in log and 'Exiting' in log
     json.load(open(os.path.join(ref_dir, 'training_options.json')))
 
-    # Same run, killed (SIGKILL to the whole process group) once a state dump exists past tick 8.
+    # Same run, killed (SIGKILL to torchrun and its workers) once a state dump exists past tick 8.
     out = tmp_path / 'killed'
     p = subprocess.Popen(torchrun(train_args(data, out)), env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
@@ -224,9 +249,13 @@ def test_torchrun_two_processes_kill_and_exact_resume(data, tmp_path):
                 break
             assert p.poll() is None, 'training ended before it could be killed'
             time.sleep(0.05)
-        os.killpg(p.pid, signal.SIGKILL)
+        killed = kill_tree(p.pid)
     finally:
         p.wait(timeout=60)
+    assert len(killed) >= 3, killed  # torchrun and both workers
+    time.sleep(0.5)
+    assert not [pid for pid in killed if os.path.exists(f'/proc/{pid}') and
+                open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'], 'a worker survived'
     run_dir = only_run_dir(out)
     state_kimg = torch.load(training_state.latest_state(run_dir), weights_only=True)['cur_nimg'] / 1000
     assert 0 < state_kimg < 1

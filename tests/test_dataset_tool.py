@@ -288,7 +288,7 @@ def test_cli(tmp_path):
 def test_cli_script_runs(tmp_path):
     src = tmp_path / 'src'
     _save(str(src / 'a.png'), _rand([8, 8, 3], 0))
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, os.path.join(REPO, 'dataset_tool.py'), f'--source={src}',
                            f'--dest={tmp_path / "d.zip"}'], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr

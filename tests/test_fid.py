@@ -136,7 +136,7 @@ def test_gen_accepts_every_sampler_flag_of_sample_py():
 
 
 def test_module_entry_point_lists_the_nvlabs_subcommands():
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, '-m', 'edm_fast.fid', 'gen', '--help'], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -438,7 +438,7 @@ def test_gen_equals_calc_over_sample_py_images(gen_setup, gen_result, detector, 
 def test_gen_two_ranks_match_one(gen_setup, tmp_path):
     """torchrun with 2 gloo ranks gives the statistics of 1 process (both fresh 1-thread processes: CPU kernels round
     by thread count and cached primitives, so an in-process result is not compared bit for bit with these)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=REPO)
     args = ['gen', '--network', gen_setup['net'], '--seeds', '0-3', '--batch', '2', '--device', 'cpu']
     args += [str(f) for f in gen_setup['flags']]
     one = subprocess.run([sys.executable, os.path.join(REPO, 'fid.py'), *args, '--stats', str(tmp_path / 'one.npz')],

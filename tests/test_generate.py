@@ -121,7 +121,7 @@ def _read_pngs(folder):
 
 def test_two_ranks_match_one(snapshot, tmp_path):
     """torchrun --nproc_per_node=2 (gloo on CPU) writes the same PNGs as a single process."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=REPO)
     args = ['--network', snapshot, '--seeds', '0-6', '--batch', '2', '--steps', '4', '--device', 'cpu']
     one, two = tmp_path / 'one', tmp_path / 'two'
     subprocess.run([sys.executable, os.path.join(REPO, 'sample.py'), '--outdir', str(one)] + args, check=True,

@@ -232,7 +232,7 @@ def train_subprocess(cfg, tmp_path, name, stop=None):
     Returns (returncode, steps taken or None, log text)."""
     cfg_path = tmp_path / f'{name}.json'
     cfg_path.write_text(json.dumps(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=REPO)
     log_path = tmp_path / f'{name}.log'
     with open(log_path, 'wb') as log:
         proc = subprocess.Popen([sys.executable, '-c', TRAIN_CODE, str(cfg_path)], env=env, stdout=log, stderr=log)
@@ -340,7 +340,7 @@ def test_two_processes_with_gradient_accumulation(run, tmp_path):
                       'if gathered is not None:\n'  # rank 0 only: two ranks printing would interleave
                       '    print("RESULT", gathered)\n'
                       'distributed.shutdown()\n')
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                            str(script), str(cfg_path)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -18,7 +18,7 @@ from edm_fast import checkpoint, dataset_tool, loss, networks, training_loop, tr
 from edm_fast.training_stats import Collector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO, PYTHONUNBUFFERED='1')
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=REPO, PYTHONUNBUFFERED='1')
 
 
 def make_dataset(root, n_per_class=8, res=8, classes=4):

@@ -129,7 +129,7 @@ def bench_one(case, dtype, layout, mode, provider, repeats, warmup, device, reco
             if not backward:
                 err = (out.double() - truth(case, dtype, layout)).abs().max().item()
                 records.append(harness.record(BENCH, name, provider, 'max_abs_err_vs_fp32_reference', err, '', **extra))
-            timing = harness.time_fn(step, warmup=warmup, repeats=repeats, device=device)
+            timing = harness.time_fn(step, warmup=warmup, repeats=repeats, device=device, kernel=True)
     except Exception as e:  # noqa: BLE001  (one failing provider must not stop the others)
         msg = f'{type(e).__name__}: {e}'.splitlines()[0][:300]
         if notes:
@@ -146,7 +146,8 @@ def bench_one(case, dtype, layout, mode, provider, repeats, warmup, device, reco
     tflops = extra['flops'] / ms / 1e9
     timings.setdefault(key, {})[provider] = ms
     records.append(harness.record(BENCH, name, provider, 'time', ms, 'ms', p20_ms=timing['p20_ms'],
-                                  p80_ms=timing['p80_ms'], repeats=timing['repeats'], **extra))
+                                  p80_ms=timing['p80_ms'], repeats=timing['repeats'], host_ms=timing['host_ms'],
+                                  timing=timing['timing'], **extra))
     records.append(harness.record(BENCH, name, provider, 'throughput', tflops, 'TFLOP/s', **extra))
     records.append(harness.record(BENCH, name, provider, 'bf16_gemm_roof_fraction', tflops / harness.H100_BF16_TFLOPS,
                                   '', **extra))

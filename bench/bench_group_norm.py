@@ -8,7 +8,8 @@ reference (eager PyTorch, as NVlabs runs it), reference-compiled (torch.compile 
 and cuda, plus the eager reference in fp32 NCHW (NVlabs' fp32 configuration). Modes: forward, and forward +
 backward (all input gradients via torch.autograd.grad, so nothing accumulates into .grad).
 
-Metrics per (case, mode, provider): median ms, GB/s over the minimum bytes (every input read once, every
+Metrics per (case, mode, provider): median GPU ms (harness.time_fn(kernel=True): cold L2, host overhead
+excluded), host_ms (the host's time to issue the call), GB/s over the minimum bytes (every input read once, every
 output written once: x + y forward; x + y + dy + x + dx forward+backward, plus the per-channel tensors) and
 the fraction of the H100's measured 3.0 TB/s copy bandwidth. A provider that fails records its error and
 the others go on. Results: JSON lines in bench/results/bench_group_norm.jsonl (or --out), table last.
@@ -140,17 +141,18 @@ def bench_case(net, N, C, H, W, G, eps, variant, repeats, providers, records, ta
                 if not backward and cl:
                     expected.setdefault(mode, out.float())
                     rec('max_abs_diff_vs_reference', (out.float() - expected[mode]).abs().max().item(), '')
-                timing = harness.time_fn(step, warmup=5, repeats=repeats)
+                timing = harness.time_fn(step, warmup=5, repeats=repeats, kernel=True)
             except Exception as e:  # noqa: BLE001  (one failing provider must not stop the others)
                 msg = f'{type(e).__name__}: {e}'.splitlines()[0][:300]
                 rec('error', None, '', error=msg, trace=traceback.format_exc()[-2000:])
-                table.append(dict(case=case, mode=mode, provider=provider, layout=layout, ms='-', GBps='-',
+                table.append(dict(case=case, mode=mode, provider=provider, layout=layout, ms='-', host_ms='-', GBps='-',
                                   copy='-', vs_compiled=msg[:60]))
                 continue
             ms = timing['median_ms']
             gbps = min_bytes(t, backward) / ms / 1e6
             frac = gbps / harness.H100_COPY_GBPS
-            rec('time', ms, 'ms', p20_ms=timing['p20_ms'], p80_ms=timing['p80_ms'], repeats=timing['repeats'])
+            rec('time', ms, 'ms', p20_ms=timing['p20_ms'], p80_ms=timing['p80_ms'], repeats=timing['repeats'],
+                host_ms=timing['host_ms'], timing=timing['timing'])
             rec('bandwidth', gbps, 'GB/s')
             rec('copy_bandwidth_fraction', frac, '')
             if cl and provider in ('reference', 'reference-compiled'):
@@ -162,7 +164,7 @@ def bench_case(net, N, C, H, W, G, eps, variant, repeats, providers, records, ta
                     if (ref, mode) in base_ms:
                         rec(metric, base_ms[(ref, mode)] / ms, 'x')
             vs = base_ms.get(('reference-compiled', mode)) if provider in ('triton', 'cuda') else None
-            table.append(dict(case=case, mode=mode, provider=provider, layout=layout, ms=ms, GBps=gbps,
+            table.append(dict(case=case, mode=mode, provider=provider, layout=layout, ms=ms, host_ms=timing['host_ms'], GBps=gbps,
                               copy=f'{100 * frac:.0f}%', vs_compiled=f'{vs / ms:.2f}x' if vs else ''))
             del t, step, out
 
@@ -198,7 +200,7 @@ def main(argv=None):
         for k in ('ms', 'GBps'):
             if isinstance(row[k], float):
                 row[k] = f'{row[k]:.4g}'
-    harness.print_table(table, columns=('case', 'mode', 'provider', 'layout', 'ms', 'GBps', 'copy', 'vs_compiled'))
+    harness.print_table(table, columns=('case', 'mode', 'provider', 'layout', 'ms', 'host_ms', 'GBps', 'copy', 'vs_compiled'))
 
 
 # (elements per chunk, elements per warp[, split]) per direction; split False: groups larger than a chunk are
@@ -228,7 +230,7 @@ def sweep(cases, repeats, settings=SWEEP):
                     try:
                         t, act = make_inputs(N, C, H, W, variant, torch.float16, True)
                         ms = harness.time_fn(runner(provider_fn('triton', G, eps, act), t, backward), warmup=3,
-                                             repeats=repeats)['median_ms']
+                                             repeats=repeats, kernel=True)['median_ms']
                     except Exception as e:  # noqa: BLE001
                         print(f'sweep {label} {name}: FAILED {type(e).__name__}: {e}'.splitlines()[0])
                         totals[setting] = float('nan')

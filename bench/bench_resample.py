@@ -8,7 +8,8 @@ torch.compile) and `triton`. Modes: forward, and forward+backward (input gradien
 channels-last and fp32 NCHW. Shapes: every distinct resampling call of DDPM++ and NCSN++ CIFAR-10 (32x32)
 and of the 64x64 networks (DDPM++/NCSN++ FFHQ, ADM ImageNet), at the given batch.
 
-Reported per case: median ms (p20/p80), GB/s over the minimum bytes (read x + write y; twice that with
+Reported per case: median GPU ms (p20/p80; harness.time_fn(kernel=True): from a cold L2, host overhead
+excluded), the host's time to issue the call (host_ms), GB/s over the minimum bytes (read x + write y; twice that with
 the backward, which reads dy and writes dx), the fraction of harness.H100_COPY_GBPS, and for the
 non-reference providers the largest deviation from the eager reference relative to its largest value. Per network, the
 summed time of all its resampling calls. Results are appended as JSON lines to <out>/bench_resample.jsonl;
@@ -117,7 +118,7 @@ def bench_case(shape, length, up, padding, config, provider, backward, device, t
         y_shape = reference.resample(x[:1].detach(), f, **{kind: 2}, padding=padding).shape[1:]
     dy = torch.randn((shape[0],) + tuple(y_shape), device=device, dtype=dtype).contiguous(memory_format=fmt)
     fn = _provider_fn(provider, x, f, kind, padding, backward, dy)
-    stats = harness.time_fn(fn, device=device, **timing)
+    stats = harness.time_fn(fn, device=device, kernel=True, **timing)
     nbytes = (x.numel() + dy.numel()) * x.element_size() * (2 if backward else 1)
     if provider != 'reference':  # a fast wrong answer is not a result: relative max deviation from eager
         out = fn()
@@ -177,7 +178,7 @@ def main(argv=None):
         timings[(name, config, mode, provider)] = stats['median_ms']
         records.append(harness.record('resample', name, provider, 'time', stats['median_ms'], 'ms',
                                       p20_ms=stats['p20_ms'], p80_ms=stats['p80_ms'], repeats=stats['repeats'],
-                                      max_rel_dev=stats.get('max_rel_dev'),
+                                      host_ms=stats['host_ms'], timing=stats['timing'], max_rel_dev=stats.get('max_rel_dev'),
                                       min_bytes=nbytes, gbps=gbps, frac_of_copy=gbps / harness.H100_COPY_GBPS,
                                       **common))
         if cuda:
@@ -255,8 +256,8 @@ def print_summary(records):
         r['vs_compiled'] = base / r['value'] if base else ''
         r['pct_copy'] = 100 * r['frac_of_copy']
     print()
-    harness.print_table(rows, columns=('case', 'config', 'mode', 'provider', 'value', 'gbps', 'pct_copy',
-                                       'vs_compiled', 'max_rel_dev'))
+    harness.print_table(rows, columns=('case', 'config', 'mode', 'provider', 'value', 'host_ms', 'gbps',
+                                       'pct_copy', 'vs_compiled', 'max_rel_dev'))
     totals = [r for r in records if r['metric'] == 'network_total']
     if totals:
         print()

@@ -26,36 +26,104 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, warmup=10, repeats=50, device=None, min_time_s=0.0):
-    """Median, 20th and 80th percentile of fn()'s run time in milliseconds.
+_SPIN_CYCLES_PER_MS = {}
+_L2_FLUSH = {}
+L2_FLUSH_BYTES = 256 * 2 ** 20  # over 5x the H100's 50 MB L2
+MAX_PAD_MS = 200.0
 
-    On CUDA each repeat is timed with its own pair of events (no host timing of async work); on CPU with
-    perf_counter. `min_time_s` keeps repeating until at least that much time was measured.
+
+def _spin_cycles_per_ms():
+    """GPU clock cycles per millisecond of torch.cuda._sleep on the current device (measured once)."""
+    dev = torch.cuda.current_device()
+    if dev not in _SPIN_CYCLES_PER_MS:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1000)
+        start.record()
+        torch.cuda._sleep(2_000_000)
+        end.record()
+        end.synchronize()
+        _SPIN_CYCLES_PER_MS[dev] = 2_000_000 / max(start.elapsed_time(end), 1e-3)
+    return _SPIN_CYCLES_PER_MS[dev]
+
+
+def _flush_l2():
+    dev = torch.cuda.current_device()
+    if dev not in _L2_FLUSH:
+        _L2_FLUSH[dev] = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device='cuda')
+    _L2_FLUSH[dev].zero_()
+
+
+def pad_ms(host_ms):
+    """How long the GPU is kept busy before a timed kernel call: comfortably longer than the host needs to
+    enqueue the call (host_ms, measured), so the call's launches are all queued when its start event runs."""
+    return min(MAX_PAD_MS, max(0.1, 2.0 * host_ms + 0.1))
+
+
+def _summary(times, host):
+    times = sorted(times)
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
+    out = dict(median_ms=statistics.median(times), p20_ms=q[0], p80_ms=q[3], repeats=len(times))
+    if host:
+        out['host_ms'] = statistics.median(host)
+    return out
+
+
+def time_fn(fn, warmup=10, repeats=50, device=None, min_time_s=0.0, kernel=False):
+    """Median, 20th and 80th percentile of fn()'s run time in milliseconds, and `host_ms`, the median time the
+    host took to issue one call.
+
+    On CPU: perf_counter around each call. On CUDA each repeat is timed with its own pair of events, then:
+    - kernel=False (networks, samplers): events straight around the call, so the time includes the host's
+      launch latency whenever the GPU outruns it, as a user's loop would see it;
+    - kernel=True (single ops): the GPU time of the call alone, from a cold L2. Before the start event the
+      stream gets an L2 flush and a spin (torch.cuda._sleep) longer than the call's host time, so every launch
+      of the call is queued before the start event runs: the interval holds kernels only, no host overhead.
+      A repeat whose host time outgrew the spin is discarded and the spin lengthened. An op whose host_ms
+      exceeds its median_ms is launch-bound when called alone in eager mode (CUDA graphs remove that).
+    `min_time_s` keeps repeating until at least that much time was measured.
     """
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
     cuda = torch.device(device).type == 'cuda'
-    spent = 0.0
+    host = []
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        if i >= warmup // 2:
+            host.append((time.perf_counter() - t0) * 1e3)
+        _sync(device)
+    times, spent, host = [], 0.0, host[-3:]
+    kernel = kernel and cuda
+    if kernel:
+        cycles = _spin_cycles_per_ms()
+        pad = pad_ms(max(host, default=1.0))
+    retries = 0
     while len(times) < repeats or spent < min_time_s:
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if kernel:
+                _flush_l2()
+                torch.cuda._sleep(int(pad * cycles))
             start.record()
+            t0 = time.perf_counter()
             fn()
+            host_ms = (time.perf_counter() - t0) * 1e3
             end.record()
             end.synchronize()
             ms = start.elapsed_time(end)
+            if kernel and host_ms > 0.5 * pad and pad < MAX_PAD_MS and retries < 2 * repeats:
+                retries += 1
+                pad = pad_ms(host_ms)  # the spin may have run out before the call was queued: repeat it
+                continue
         else:
             t0 = time.perf_counter()
             fn()
-            ms = (time.perf_counter() - t0) * 1e3
+            ms = host_ms = (time.perf_counter() - t0) * 1e3
         times.append(ms)
+        host.append(host_ms)
         spent += ms / 1e3
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
-    return dict(median_ms=statistics.median(times), p20_ms=q[0], p80_ms=q[3], repeats=len(times))
+    out = _summary(times, host[-len(times):])
+    out['timing'] = 'gpu-only, cold L2' if kernel else ('cuda events per call' if cuda else 'perf_counter')
+    return out
 
 
 def env_info():

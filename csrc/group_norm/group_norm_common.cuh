@@ -35,7 +35,7 @@
 namespace edm_fast {
 namespace gn {
 
-constexpr int kMaxThreads = 512;    // block size limit (launch bounds: <= 128 registers per thread)
+constexpr int kMaxThreads = 512;    // block size limit; registers: <= 64 in the forward (two blocks per SM), <= 128 in the backward
 constexpr int kMaxTileGroups = 32;  // groups per tile (shared-memory arrays are sized by it)
 constexpr int kMaxCluster = 8;      // portable thread-block cluster size on sm_90
 

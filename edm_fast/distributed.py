@@ -39,3 +39,12 @@ def gather_to_rank0(obj):
     out = [None] * world if torch.distributed.get_rank() == 0 else None
     torch.distributed.gather_object(obj, out, dst=0)
     return out
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` on every rank (a picklable value); `obj` itself without torch.distributed."""
+    if not torch.distributed.is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

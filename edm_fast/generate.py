@@ -118,6 +118,30 @@ def nfe_per_image(net, guidance=None, **sampler_kwargs):
     return sampling.nfe_per_image(kwargs.get('num_steps', 18), kwargs.get('solver'))
 
 
+def _draw(net, seeds, device, class_idx=None):
+    """(generator, latents, labels) of a batch: each seed's generator draws its latents, then its class index
+    (drawn even when class_idx overrides it, so the churn noise that follows is the same)."""
+    rnd = sampling.StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    labels = None
+    if net.label_dim:
+        labels = rnd.randint(net.label_dim, size=[len(seeds)], device=device)
+        if class_idx is not None:
+            labels = torch.full_like(labels, class_idx)
+    return rnd, latents, labels
+
+
+@torch.no_grad()
+def class_labels_of(net, seeds, device, class_idx=None, max_batch_size=64):
+    """The class index generate_images gives each seed (int64 [len(seeds)]), or None for an unconditional net:
+    the same draws, without sampling."""
+    if not net.label_dim:
+        return None
+    parts = [_draw(net, seeds[i:i + max_batch_size], device, class_idx)[2].cpu()
+             for i in range(0, len(seeds), max_batch_size)]
+    return torch.cat(parts) if parts else torch.zeros([0], dtype=torch.int64)
+
+
 @torch.no_grad()
 def generate_images(net, seeds, *, max_batch_size=64, class_idx=None, device=None, denoiser=None, progress=False,
                     gnet=None, guidance=None, encoder=None, **sampler_kwargs):
@@ -148,19 +172,12 @@ def generate_images(net, seeds, *, max_batch_size=64, class_idx=None, device=Non
                 torch.distributed.barrier()
             if not batch_seeds:
                 continue
-            n = len(batch_seeds)
-            rnd = sampling.StackedRandomGenerator(device, batch_seeds)
-            latents = rnd.randn([n, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-            labels = class_labels = None
-            if net.label_dim:
-                labels = rnd.randint(net.label_dim, size=[n], device=device)  # drawn even with class_idx
-                if class_idx is not None:
-                    labels = torch.full_like(labels, class_idx)
-                class_labels = torch.eye(net.label_dim, device=device)[labels]
+            rnd, latents, labels = _draw(net, batch_seeds, device, class_idx)
+            class_labels = torch.eye(net.label_dim, device=device)[labels] if labels is not None else None
             x = fn(model, latents, class_labels, randn_like=randn_like(rnd, fn, kwargs), **kwargs)
             yield Batch(decode(x), labels, batch_seeds)
             if bar is not None:
-                bar.update(n)
+                bar.update(len(batch_seeds))
     finally:
         if bar is not None:
             bar.close()

@@ -28,6 +28,13 @@ def save_png(image_hwc, path):
     atomic_write(path, lambda f: to_pil(image_hwc).save(f, format='PNG'))
 
 
+def read_png(path):
+    """uint8 [H, W, C] of a PNG written by save_png (C = 1 for mode 'L')."""
+    with PIL.Image.open(path) as im:
+        image = np.asarray(im)
+    return image[:, :, None] if image.ndim == 2 else image
+
+
 def make_grid(images_nhwc, grid_w=None, pad=0, pad_value=0):
     """Tile N uint8 [H, W, C] images row-major into one image, grid_w columns (default ceil(sqrt(N))),
     with `pad` pixels of `pad_value` between and around tiles (0: tiles touch, as NVlabs example.py)."""

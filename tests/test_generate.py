@@ -119,8 +119,9 @@ def _read_pngs(folder):
     return {f: np.asarray(PIL.Image.open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith('.png')}
 
 
-def test_two_ranks_match_one(snapshot, tmp_path):
-    """torchrun --nproc_per_node=2 (gloo on CPU) writes the same PNGs as a single process."""
+def test_two_ranks_match_one_and_resume(snapshot, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on CPU) writes the same PNGs as a single process, and --resume on 2 ranks
+    fills in exactly the PNGs a killed run did not write."""
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=REPO)
     args = ['--network', snapshot, '--seeds', '0-6', '--batch', '2', '--steps', '4', '--device', 'cpu']
     one, two = tmp_path / 'one', tmp_path / 'two'
@@ -136,6 +137,19 @@ def test_two_ranks_match_one(snapshot, tmp_path):
         assert np.array_equal(a[name], b[name]), name
     grid = np.asarray(PIL.Image.open(tmp_path / 'g.png'))
     assert grid.shape == (3 * 8, 3 * 8, 3) and np.array_equal(grid[8:16, 0:8], a['000003.png'])
+
+    for s in (0, 3, 4):  # never written by the killed run
+        os.remove(two / f'{s:06d}.png')
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(two / '000006.png')  # written: must be kept
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           os.path.join(REPO, 'sample.py'), '--outdir', str(two), '--resume'] + args,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '4 of 7 images are already' in proc.stdout and 'Generated 3 images' in proc.stdout, proc.stdout
+    b = _read_pngs(two)
+    assert b.keys() == a.keys() and not b['000006.png'].any()
+    for name in set(a) - {'000006.png'}:
+        assert np.array_equal(a[name], b[name]), name
 
 
 def test_zero_churn_skips_draws_without_changing_images():

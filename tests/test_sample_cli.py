@@ -1,4 +1,4 @@
-"""sample.py end to end (in-process through click): NVlabs file names, --subdirs, --grid, --npz, errors."""
+"""sample.py end to end (in-process through click): NVlabs file names, --subdirs, --grid, --npz, --resume, errors."""
 
 import os
 import sys
@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edm_fast import generate, networks
+from edm_fast import generate, networks, sample_resume
 from edm_fast.checkpoint import save_snapshot
 from test_generate import tiny_net
 
@@ -43,7 +43,7 @@ def test_pngs_grid_npz(snapshots, tmp_path):
     r = invoke('--network', snapshots[0], '--outdir', str(out), '--seeds', '5-9', '--batch', '2',
                '--grid', str(tmp_path / 'grid.png'), '--npz', str(tmp_path / 'all.npz'))
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(out)) == [f'{s:06d}.png' for s in range(5, 10)]
+    assert sorted(os.listdir(out)) == [f'{s:06d}.png' for s in range(5, 10)] + [sample_resume.SETTINGS_FILE]
     pngs = [np.asarray(PIL.Image.open(out / f'{s:06d}.png')) for s in range(5, 10)]
     assert all(p.shape == (8, 8, 3) and p.dtype == np.uint8 for p in pngs)
     data = np.load(tmp_path / 'all.npz')
@@ -75,7 +75,7 @@ def test_subdirs_and_grayscale(tmp_path):
     out = tmp_path / 'out'
     r = invoke('--network', path, '--outdir', str(out), '--seeds', '998-1001', '--subdirs')
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(out)) == ['000000', '001000']
+    assert sorted(os.listdir(out)) == ['000000', '001000', sample_resume.SETTINGS_FILE]
     assert sorted(os.listdir(out / '000000')) == ['000998.png', '000999.png']
     assert PIL.Image.open(out / '001000' / '001001.png').mode == 'L'
 
@@ -117,6 +117,78 @@ def test_unwritable_outdir(snapshots, tmp_path):
     blocker.write_text('x')
     r = invoke('--network', snapshots[0], '--outdir', str(blocker / 'sub'))
     assert r.exit_code != 0 and '--outdir' in r.output
+
+
+def _kill_midway(out, lost, tampered):
+    """What a killed run leaves: some PNGs never written. One kept PNG is overwritten with black, so a test can
+    tell a skipped seed (stays black) from a regenerated one."""
+    for s in lost:
+        os.remove(out / f'{s:06d}.png')
+    shape = np.asarray(PIL.Image.open(out / f'{tampered:06d}.png')).shape
+    PIL.Image.fromarray(np.zeros(shape, np.uint8)).save(out / f'{tampered:06d}.png')
+
+
+def test_resume_generates_only_the_missing_seeds(snapshots, tmp_path):
+    full, out = tmp_path / 'full', tmp_path / 'out'
+    args = ['--network', snapshots[0], '--seeds', '0-6', '--batch', '3']
+    assert invoke(*args, '--outdir', str(full), '--npz', str(tmp_path / 'full.npz')).exit_code == 0
+    assert invoke(*args, '--outdir', str(out)).exit_code == 0
+    _kill_midway(out, lost=(1, 4, 5), tampered=2)
+    r = invoke(*args, '--outdir', str(out), '--resume', '--batch', '2', '--npz', str(tmp_path / 'resumed.npz'))
+    assert r.exit_code == 0, r.output
+    assert '4 of 7 images are already' in r.output and 'Generated 3 images' in r.output, r.output
+    for s in range(7):
+        img = np.asarray(PIL.Image.open(out / f'{s:06d}.png'))
+        if s == 2:
+            assert not img.any()  # kept, not regenerated
+        else:
+            assert np.array_equal(img, np.asarray(PIL.Image.open(full / f'{s:06d}.png'))), s
+    a, b = np.load(tmp_path / 'full.npz'), np.load(tmp_path / 'resumed.npz')
+    assert a['labels'].tolist() == b['labels'].tolist() and a['seeds'].tolist() == b['seeds'].tolist()
+    assert np.array_equal(np.delete(a['arr_0'], 2, 0), np.delete(b['arr_0'], 2, 0)) and not b['arr_0'][2].any()
+
+
+def test_resume_with_every_image_present_samples_nothing(snapshots, tmp_path):
+    args = ['--network', snapshots[1], '--outdir', str(tmp_path), '--seeds', '0-2']
+    assert invoke(*args).exit_code == 0
+    r = invoke(*args, '--resume', '--grid', str(tmp_path / 'g.png'))
+    assert r.exit_code == 0 and 'Generated 0 images' in r.output, r.output
+    assert np.asarray(PIL.Image.open(tmp_path / 'g.png')).shape == (16, 16, 3)
+
+
+def test_without_resume_a_rerun_overwrites(snapshots, tmp_path):
+    args = ['--network', snapshots[0], '--outdir', str(tmp_path), '--seeds', '0-1']
+    assert invoke(*args).exit_code == 0
+    _kill_midway(tmp_path, lost=(), tampered=0)
+    assert invoke(*args).exit_code == 0
+    assert np.asarray(PIL.Image.open(tmp_path / '000000.png')).any()
+
+
+@pytest.mark.parametrize('change, words', [
+    (['--steps', '4'], 'num_steps'),
+    (['--class', '1'], 'class_idx'),
+    (['--S_churn', '1'], 'S_churn'),
+    ('other-net', 'network'),
+])
+def test_resume_refuses_other_settings(snapshots, tmp_path, change, words):
+    assert invoke('--network', snapshots[0], '--outdir', str(tmp_path), '--seeds', '0-3').exit_code == 0
+    os.remove(tmp_path / '000003.png')
+    if change == 'other-net':
+        args = ['--network', snapshots[1]]
+    else:
+        args = ['--network', snapshots[0]] + change
+    r = invoke(*args, '--outdir', str(tmp_path), '--seeds', '0-3', '--resume')
+    assert r.exit_code != 0 and '--resume' in r.output and words in r.output and 'other settings' in r.output, r.output
+    assert not (tmp_path / '000003.png').exists()
+
+
+def test_resume_refuses_pngs_of_unknown_origin(snapshots, tmp_path):
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / '000000.png')
+    r = invoke('--network', snapshots[0], '--outdir', str(tmp_path), '--seeds', '0-1', '--resume')
+    assert r.exit_code != 0 and sample_resume.SETTINGS_FILE in r.output and 'new --outdir' in r.output, r.output
+    # nothing there yet: --resume is a plain run
+    r = invoke('--network', snapshots[0], '--outdir', str(tmp_path / 'new'), '--seeds', '0-1', '--resume')
+    assert r.exit_code == 0 and 'Generated 2 images' in r.output, r.output
 
 
 @pytest.mark.slow  # ~100 s on 2 cores: 2 x 35 evaluations of a 56M-parameter net

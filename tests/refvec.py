@@ -69,8 +69,9 @@ class Case:
     def keys(self, prefix):
         return sorted(k[len(prefix):] for k in self.d if k.startswith(prefix))
 
-    def check(self, key, actual, tol_key=None):
-        """Assert max |actual - out/key| <= tol/key elementwise (exact for integer outputs)."""
+    def check(self, key, actual, tol_key=None, slack=None):
+        """Assert max |actual - out/key| <= tol/key (+ slack, an elementwise array) elementwise (exact for integer
+        outputs)."""
         expected = self.d['out/' + key]
         tol = self.d['tol/' + (tol_key or key)]
         actual = actual.detach().cpu()
@@ -80,6 +81,8 @@ class Case:
             return 0.0
         err = (actual.to(torch.float64) - torch.from_numpy(expected).to(torch.float64)).abs()
         bound = torch.from_numpy(np.broadcast_to(tol, expected.shape).astype(np.float64))
+        if slack is not None:
+            bound = bound + torch.as_tensor(slack, dtype=torch.float64)
         worst = (err - bound).max().item() if err.numel() else 0.0
         assert torch.isfinite(actual.to(torch.float64)).all(), f'{self.name} {key}: non-finite values'
         assert worst <= 0, f'{self.name} {key}: max error {err.max().item():.3g} exceeds tolerance {float(np.max(tol)):.3g}'

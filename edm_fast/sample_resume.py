@@ -1,6 +1,6 @@
 """sample.py --resume: which seeds a killed run still owes, and a guard against mixing runs in one folder.
 
-Every run writes <outdir>/sample-settings.json: everything that decides the pixels of an image of a given
+Every run writes <outdir>/.sample-settings.json (hidden, so `ls` and `*` still see only images): everything that decides the pixels of an image of a given
 seed (network file, sampler options, class, guidance, fast path and its dtype). Batch size, process count,
 torch.compile and CUDA graphs are left out because they do not change the images. With --resume, a seed
 whose PNG exists is skipped. PNGs are written atomically, so an existing file is a complete image. A resume
@@ -16,7 +16,7 @@ import torch
 from . import distributed, image_io
 from .util import atomic_write
 
-SETTINGS_FILE = 'sample-settings.json'
+SETTINGS_FILE = '.sample-settings.json'
 
 
 def _file_id(path):

@@ -60,7 +60,7 @@ def test_sample_cli_with_guidance(tmp_path):
     r = run('--outdir', str(tmp_path / 'a'), '--seeds', '0-2', '--gnet', weak, '--guidance', '2', '--class', '1')
     assert r.exit_code == 0, r.output
     assert '10 NFE per image' in r.output  # (2*3 - 1) * 2 networks
-    assert sorted(os.listdir(tmp_path / 'a')) == ['000000.png', '000001.png', '000002.png']
+    assert sorted(f for f in os.listdir(tmp_path / 'a') if f.endswith('.png')) == ['000000.png', '000001.png', '000002.png']
     assert np.asarray(PIL.Image.open(tmp_path / 'a' / '000001.png')).shape == (16, 16, 3)
     r = run('--outdir', str(tmp_path / 'b'), '--disc', 'vp')
     assert r.exit_code != 0 and 'ablation' in r.output

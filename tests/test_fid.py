@@ -124,7 +124,7 @@ def test_gen_accepts_every_sampler_flag_of_sample_py():
     theirs = {p.name: p for p in sample.main.params}
     # Every sample.py option is mirrored, except those about writing PNGs (gen writes none), the seeds, whose
     # default differs (0 to --num - 1), and --network, which sample.py may omit (the built-in demo) and gen needs.
-    mirrored = set(theirs) - {'outdir', 'subdirs', 'grid_path', 'npz_path', 'seeds', 'network_path'}
+    mirrored = set(theirs) - {'outdir', 'subdirs', 'resume', 'grid_path', 'npz_path', 'seeds', 'network_path'}
     assert gen['network_path'].opts == ['--network'] and gen['network_path'].required
     assert {'num_steps', 'S_churn', 'solver', 'discretization', 'class_idx', 'max_batch_size'} <= mirrored
     for name in sorted(mirrored):
@@ -423,7 +423,7 @@ def test_gen_equals_calc_over_sample_py_images(gen_setup, gen_result, detector, 
                                          '--batch', '2', '--device', 'cpu'] + [str(f) for f in gen_setup['flags']],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(out)) == [f'{s:06d}.png' for s in range(4)]
+    assert sorted(f for f in os.listdir(out) if not f.startswith('.')) == [f'{s:06d}.png' for s in range(4)]
     r = invoke('calc', '--images', out, '--num', 4, '--batch', 2, '--workers', 0, '--device', 'cpu',
                '--stats', tmp_path / 'calc-stats.npz')  # no --ref: statistics only
     assert r.exit_code == 0, r.output

@@ -43,7 +43,7 @@ def test_pngs_grid_npz(snapshots, tmp_path):
     r = invoke('--network', snapshots[0], '--outdir', str(out), '--seeds', '5-9', '--batch', '2',
                '--grid', str(tmp_path / 'grid.png'), '--npz', str(tmp_path / 'all.npz'))
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(out)) == [f'{s:06d}.png' for s in range(5, 10)] + [sample_resume.SETTINGS_FILE]
+    assert sorted(os.listdir(out)) == [sample_resume.SETTINGS_FILE] + [f'{s:06d}.png' for s in range(5, 10)]
     pngs = [np.asarray(PIL.Image.open(out / f'{s:06d}.png')) for s in range(5, 10)]
     assert all(p.shape == (8, 8, 3) and p.dtype == np.uint8 for p in pngs)
     data = np.load(tmp_path / 'all.npz')
@@ -75,7 +75,7 @@ def test_subdirs_and_grayscale(tmp_path):
     out = tmp_path / 'out'
     r = invoke('--network', path, '--outdir', str(out), '--seeds', '998-1001', '--subdirs')
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(out)) == ['000000', '001000', sample_resume.SETTINGS_FILE]
+    assert sorted(os.listdir(out)) == [sample_resume.SETTINGS_FILE, '000000', '001000']
     assert sorted(os.listdir(out / '000000')) == ['000998.png', '000999.png']
     assert PIL.Image.open(out / '001000' / '001001.png').mode == 'L'
 

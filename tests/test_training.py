@@ -278,7 +278,7 @@ def test_torchrun_two_processes_kill_and_exact_resume(data, tmp_path):
                            str(tmp_path / 'img'), '--seeds', '0-3', '--steps', '4', '--device', 'cpu'],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path / 'img')) == [f'{s:06d}.png' for s in range(4)]
+    assert sorted(f for f in os.listdir(tmp_path / 'img') if not f.startswith('.')) == [f'{s:06d}.png' for s in range(4)]
 
 
 def test_sigterm_writes_state_and_resume_continues(data, tmp_path):

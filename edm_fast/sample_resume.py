@@ -3,9 +3,10 @@
 Every run writes <outdir>/.sample-settings.json (hidden: `ls` and `*` still list images only) with everything
 that decides the pixels of an image of a given seed (network file, sampler options, class, guidance, fast path
 and its dtype). Batch size, process count, torch.compile and CUDA graphs are left out because they do not
-change the images. With --resume, a seed whose PNG exists is skipped. PNGs are written atomically, so an existing file is a complete image. A resume
-with different settings, or into a folder whose PNGs have no settings file, is refused, because the folder
-would otherwise end up holding images from two different samplers.
+change the images. With --resume, a seed whose PNG exists is skipped. PNGs are written atomically, so an
+existing file is a complete image. A resume with different settings, or into a folder whose PNGs have no
+settings file, is refused, because the folder would otherwise end up holding images from two different
+samplers.
 """
 
 import json

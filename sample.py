@@ -85,6 +85,7 @@ def main(network_path, outdir, seeds, subdirs, resume, class_idx, max_batch_size
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    sample_resume.finish(outdir, todo)
 
     gathered = distributed.gather_to_rank0(kept) if keep else None
     if rank == 0:

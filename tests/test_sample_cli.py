@@ -1,5 +1,6 @@
 """sample.py end to end (in-process through click): NVlabs file names, --subdirs, --grid, --npz, --resume, errors."""
 
+import json
 import os
 import sys
 
@@ -189,6 +190,89 @@ def test_resume_refuses_pngs_of_unknown_origin(snapshots, tmp_path):
     # nothing there yet: --resume is a plain run
     r = invoke('--network', snapshots[0], '--outdir', str(tmp_path / 'new'), '--seeds', '0-1', '--resume')
     assert r.exit_code == 0 and 'Generated 2 images' in r.output, r.output
+
+
+def _pngs(out, seeds):
+    return {s: np.asarray(PIL.Image.open(out / f'{s:06d}.png')) for s in seeds}
+
+
+def test_resume_refuses_seeds_another_plain_run_wrote(snapshots, tmp_path):
+    """A plain run with other settings into the same folder records its own seeds: a later --resume keeps
+    neither run's PNGs under the other's settings."""
+    net, out = snapshots[0], str(tmp_path)
+    assert invoke('--network', net, '--outdir', out, '--seeds', '0-3').exit_code == 0
+    assert invoke('--network', net, '--outdir', out, '--seeds', '4-5', '--steps', '4').exit_code == 0
+    for steps, words in (('4', 'seeds 0, 1, 2, 3'), ('3', 'seeds 4, 5')):
+        r = invoke('--network', net, '--outdir', out, '--seeds', '0-5', '--steps', steps, '--resume')
+        assert r.exit_code != 0 and words in r.output and 'num_steps' in r.output, r.output
+    # each run's own seeds still resume
+    for seeds, steps in (('0-3', '3'), ('4-5', '4')):
+        r = invoke('--network', net, '--outdir', out, '--seeds', seeds, '--steps', steps, '--resume')
+        assert r.exit_code == 0 and 'Generated 0 images' in r.output, r.output
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_regenerates_pngs_a_killed_plain_run_did_not_replace(snapshots, tmp_path, monkeypatch):
+    """Settings S1 fill 0-5; a plain run with S2 over 0-5 is killed after 2 PNGs. The other four still hold S1
+    images: --resume with S2 regenerates them (they are pending), --resume with S1 is refused."""
+    net, out, want = snapshots[0], tmp_path / 'out', tmp_path / 'want'
+    s2 = ['--network', net, '--seeds', '0-5', '--steps', '4', '--batch', '2']
+    assert invoke(*s2, '--outdir', str(want)).exit_code == 0
+    assert invoke('--network', net, '--outdir', str(out), '--seeds', '0-5').exit_code == 0
+    s1_images = _pngs(out, range(6))
+    save, calls = sample.image_io.save_png, []
+
+    def killed_after_two(image, path):
+        if len(calls) == 2:
+            raise _Killed
+        calls.append(path)
+        save(image, path)
+
+    monkeypatch.setattr(sample.image_io, 'save_png', killed_after_two)
+    with pytest.raises(_Killed):
+        invoke(*s2, '--outdir', str(out))
+    monkeypatch.setattr(sample.image_io, 'save_png', save)
+    assert sorted(os.path.basename(c) for c in calls) == ['000000.png', '000001.png']
+    assert all(np.array_equal(s1_images[s], img) for s, img in _pngs(out, range(2, 6)).items())
+
+    r = invoke('--network', net, '--outdir', str(out), '--seeds', '0-5', '--resume')
+    assert r.exit_code != 0 and 'num_steps' in r.output, r.output
+    r = invoke(*s2, '--outdir', str(out), '--resume')
+    assert r.exit_code == 0 and 'Generated 4 images' in r.output, r.output
+    expected = _pngs(want, range(6))
+    assert all(np.array_equal(expected[s], img) for s, img in _pngs(out, range(6)).items())
+    r = invoke(*s2, '--outdir', str(out), '--resume')  # the finished run left nothing pending
+    assert r.exit_code == 0 and 'Generated 0 images' in r.output, r.output
+
+
+def test_resume_reads_the_first_settings_format(snapshots, tmp_path):
+    """A folder recorded by the first format (one flat settings dict) resumes under the same settings."""
+    net, out = snapshots[0], str(tmp_path)
+    assert invoke('--network', net, '--outdir', out, '--seeds', '0-2').exit_code == 0
+    path = tmp_path / sample_resume.SETTINGS_FILE
+    with open(path) as f:
+        flat = json.load(f)['runs'][0]['settings']
+    with open(path, 'w') as f:
+        json.dump(flat, f)
+    os.remove(tmp_path / '000001.png')
+    r = invoke('--network', net, '--outdir', out, '--seeds', '0-2', '--steps', '4', '--resume')
+    assert r.exit_code != 0 and 'num_steps' in r.output, r.output
+    r = invoke('--network', net, '--outdir', out, '--seeds', '0-2', '--resume')
+    assert r.exit_code == 0 and 'Generated 1 images' in r.output, r.output
+
+
+def test_settings_record_ranges():
+    rec = sample_resume.Record()
+    rec.assign({'a': 1}, range(0, 10), pending=[3, 4])
+    rec.assign({'a': 2}, [5, 6, 20], pending=[])
+    rec.runs[0][3] = 123
+    assert rec.lookup(4) == ({'a': 1}, 123) and rec.lookup(6) == ({'a': 2}, None) and rec.lookup(11) == (None, None)
+    rec.settle(range(0, 10))
+    assert rec.lookup(4) == ({'a': 1}, None)
+    assert sample_resume._to_ranges({0, 1, 2, 3, 4, 7, 8, 9, 20}) == [[0, 4], [7, 9], [20, 20]]
 
 
 @pytest.mark.slow  # ~100 s on 2 cores: 2 x 35 evaluations of a 56M-parameter net

@@ -55,14 +55,41 @@ def _rank_world():
     return 0, 1
 
 
-def _all_reduce_max(value, device):
-    """Max of a Python number over ranks (used so every rank agrees to stop at the same step)."""
-    if not torch.distributed.is_initialized():
-        return value
-    dev = device if torch.distributed.get_backend() == 'nccl' else 'cpu'
-    t = torch.tensor([float(value)], dtype=torch.float64, device=dev)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.item()
+class StopVote:
+    """Every rank agrees on the step at which a stop request (SIGTERM/SIGINT on any rank) takes effect.
+
+    The vote cast after step k is read after step k + 1: the all-reduce and its copy to the host are queued
+    behind step k's kernels, and by the time step k + 1 is queued they are done or nearly so, so the host
+    never drains the GPU's queue to learn the answer (a blocking read every step would idle the GPU while the
+    host prepares the next step). A stop therefore lands one step after the request, on every rank alike.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self._pending = None  # (host tensor, CUDA event or None) of the previous vote
+
+    def poll(self, requested):
+        if not torch.distributed.is_initialized():
+            return bool(requested)
+        result = False
+        if self._pending is not None:
+            host, event = self._pending
+            if event is not None:
+                event.synchronize()
+            result = bool(host.item())
+        on_gpu = torch.distributed.get_backend() == 'nccl'
+        # torch.full, not torch.tensor: a host-to-device copy of a Python list blocks until the stream drains
+        vote = torch.full((1,), float(requested), dtype=torch.float32, device=self.device if on_gpu else 'cpu')
+        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX, async_op=True).wait()
+        event = None
+        if on_gpu:  # wait() only made the stream wait; copy behind it without blocking the host
+            host = torch.empty_like(vote, device='cpu').pin_memory()
+            host.copy_(vote, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            vote = host
+        self._pending = (vote, event)
+        return result
 
 
 def check_ddp_consistency(module):
@@ -323,6 +350,7 @@ def training_loop(
         torch.cuda.reset_peak_memory_stats(device)
     steps_done = 0
     stop_requested = False
+    vote = StopVote(device)
     with _StopFlag() as stop:
         while True:
             # Accumulate gradients, then update the weights and the EMA.
@@ -340,8 +368,7 @@ def training_loop(
             cur_nimg += batch_size
             steps_done += 1
             done = cur_nimg >= total_kimg * 1000
-            stop_requested = bool(_all_reduce_max(stop.requested or (max_steps is not None and steps_done >= max_steps),
-                                                  device))
+            stop_requested = vote.poll(stop.requested) or (max_steps is not None and steps_done >= max_steps)
             if not (done or stop_requested or cur_tick == 0 or cur_nimg >= tick_start_nimg + kimg_per_tick * 1000):
                 continue
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, training_state, util
-from .training_loop import _all_reduce_max, _cpu_mem_gb, _rank_world, _report_memory, _short, _StopFlag, check_ddp_consistency
+from .training_loop import StopVote, _cpu_mem_gb, _rank_world, _report_memory, _short, _StopFlag, check_ddp_consistency
 from .training_stats import Collector
 
 STATE_FORMAT = 'edm_fast.training_state_edm2'
@@ -360,6 +360,7 @@ def training_loop(
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     stop_requested = False
+    vote = StopVote(device)
     with _StopFlag() as stop:
         while True:
             done = cur_nimg >= stop_at_nimg
@@ -441,7 +442,7 @@ def training_loop(
             if ema is not None:
                 ema.update(cur_nimg=cur_nimg, batch_size=batch_size)
             total_elapsed_time += time.time() - batch_start_time
-            stop_requested = bool(_all_reduce_max(stop.requested, device)) and cur_nimg < stop_at_nimg
+            stop_requested = vote.poll(stop.requested) and cur_nimg < stop_at_nimg
 
     if rank == 0:
         print()

@@ -17,17 +17,24 @@ class Collector:
         self._last = collections.OrderedDict()
 
     def report(self, name, value):
-        """Accumulate every element of `value` (tensor, array or number) under `name`."""
+        """Accumulate every element of `value` (tensor, array or number) under `name`.
+
+        A tensor's moments stay on its device until collect(): reporting the loss every round must not make
+        the host wait for the GPU (NVlabs training_stats does not either)."""
         if isinstance(value, torch.Tensor):
             v = value.detach().flatten().to(torch.float64)
-            moments = torch.stack([torch.tensor(float(v.numel()), dtype=torch.float64), v.sum().cpu(),
-                                   v.square().sum().cpu()])
+            moments = torch.stack([torch.full((), v.numel(), dtype=torch.float64, device=v.device), v.sum(),
+                                   v.square().sum()])
         else:
             v = np.asarray(value, dtype=np.float64).ravel()
             moments = torch.tensor([v.size, v.sum(), np.square(v).sum()], dtype=torch.float64)
-        if name not in self._moments:
-            self._moments[name] = torch.zeros(3, dtype=torch.float64)
-        self._moments[name] += moments
+        old = self._moments.get(name)
+        if old is None:
+            self._moments[name] = moments
+        elif old.device == moments.device:
+            old += moments
+        else:
+            self._moments[name] = old.cpu() + moments.cpu()
 
     def report0(self, name, value, rank=0):
         """Report only on rank 0 (timing and memory figures)."""
@@ -46,7 +53,8 @@ class Collector:
             all_names = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(all_names, names)
             names = list(dict.fromkeys(n for ns in all_names for n in ns))
-        stacked = torch.stack([self._moments.get(n, torch.zeros(3, dtype=torch.float64)) for n in names]) \
+        stacked = torch.stack([self._moments[n].cpu() if n in self._moments else torch.zeros(3, dtype=torch.float64)
+                               for n in names]) \
             if names else torch.zeros(0, 3, dtype=torch.float64)
         if torch.distributed.is_initialized() and names:
             backend = torch.distributed.get_backend()

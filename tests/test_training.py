@@ -177,6 +177,27 @@ def test_stats_collector_moments():
     assert 'b' not in out and out['c']['mean'] == 2.0
     assert c.collect()['a']['mean'] == pytest.approx(2.75)  # no new data keeps the previous value
 
+
+def test_stats_collector_keeps_tensor_moments_on_their_device():
+    """Reporting a tensor queues its moments on the tensor's device (a meta tensor stands in for a GPU one here:
+    any read of its values would raise), so a report per round never makes the host wait for the GPU."""
+    c = Collector()
+    c.report('loss', torch.empty(8, device='meta'))
+    c.report('loss', torch.empty(8, device='meta'))
+    assert c._moments['loss'].device.type == 'meta'
+
+
+def test_stop_vote_lands_one_step_later_on_every_rank(tmp_path):
+    """One gloo rank in-process: a request voted after step k is answered after step k + 1."""
+    store = torch.distributed.FileStore(str(tmp_path / 'store'), 1)
+    torch.distributed.init_process_group('gloo', store=store, rank=0, world_size=1)
+    try:
+        vote = training_loop.StopVote(torch.device('cpu'))
+        assert [vote.poll(r) for r in (False, False, True, False, False)] == [False, False, False, True, False]
+    finally:
+        torch.distributed.destroy_process_group()
+    assert training_loop.StopVote(torch.device('cpu')).poll(True) is True  # one process: no vote, no delay
+
 # ----------------------------------------------------------------------------------------------------
 # train.py end to end.
 

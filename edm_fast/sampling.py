@@ -52,11 +52,12 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     """
     t_steps, _, _ = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, latents.device)
     x_next = latents.to(torch.float64) * t_steps[0]
+    t_host = t_steps.tolist()  # the churn window test on the host: a device comparison would sync every step
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
 
         # Increase the noise level temporarily (churn); the draw happens even when gamma is 0.
-        gamma = churn_gamma(S_churn, num_steps, S_min, S_max, t_cur)
+        gamma = churn_gamma(S_churn, num_steps, S_min, S_max, t_host[i])
         t_hat = net.round_sigma(t_cur * (1 + gamma))
         x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
 

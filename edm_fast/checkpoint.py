@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 
 import numpy as np
@@ -33,7 +32,7 @@ import torch
 
 from . import pickle_import
 from .pickle_import import CheckpointError
-from .util import to_jsonable
+from .util import atomic_write, to_jsonable
 
 __all__ = ['load_network', 'load_snapshot', 'load_training_state', 'save_snapshot', 'read_snapshot_extra',
            'CheckpointError', 'CheckpointWarning', 'detect_format', 'FORMAT_NAME', 'FORMAT_VERSION']
@@ -454,32 +453,12 @@ def save_snapshot(path, ema, loss_fn=None, augment_pipe=None, dataset_kwargs=Non
 
 
 def _atomic_write(path, header_bytes, tensors):
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(len(header_bytes).to_bytes(8, 'little'))
-            f.write(header_bytes)
-            for t in tensors:
-                f.write(_tensor_bytes(t))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable; not possible everywhere
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    def write(f):
+        f.write(len(header_bytes).to_bytes(8, 'little'))
+        f.write(header_bytes)
+        for t in tensors:
+            f.write(_tensor_bytes(t))
+    atomic_write(path, write)
 
 
 def _read_safetensors(src):

@@ -156,9 +156,25 @@ def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
     return outputs
 
 
-def atomic_write(path, write):
-    """Write a file atomically: `write(f)` fills a temporary file in the same folder (a binary file object),
-    which is fsynced and renamed over `path`. A kill at any moment leaves either the old file or the new one."""
+_umask = None
+
+
+def _file_mode():
+    """0o666 less the process umask, as open() would create a file (mkstemp makes every file 0o600)."""
+    global _umask
+    if _umask is None:
+        import os
+        _umask = os.umask(0o022)
+        os.umask(_umask)
+    return 0o666 & ~_umask
+
+
+def atomic_write(path, write, durable=True):
+    """Write a file atomically: `write(f)` fills a temporary file in the same folder (a binary file object), which
+    is renamed over `path`, so a killed process leaves either the old file or the new one. The file gets the
+    permissions a plain open() would give (the umask applies). durable: also fsync the file and its folder, so a
+    power loss cannot leave an empty file behind a completed rename (snapshots, training states; not worth a
+    disk flush per image for PNGs)."""
     import os
     import tempfile
     path = os.fspath(path)
@@ -166,13 +182,24 @@ def atomic_write(path, write):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, 'wb') as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    if durable:
+        try:  # make the rename itself durable; not possible on every file system
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
     return path

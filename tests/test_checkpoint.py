@@ -756,6 +756,18 @@ def test_own_format_atomic_write(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ['snap.safetensors']
 
 
+def test_written_files_follow_the_umask(tmp_path):
+    """Snapshots and PNGs get the permissions a plain open() gives (mkstemp alone would make them 0600, unreadable
+    by the other users of a shared cluster)."""
+    from edm_fast import image_io
+    umask = os.umask(0o022)
+    os.umask(umask)
+    checkpoint.save_snapshot(tmp_path / 'snap.safetensors', make_net(SMALL['edm-songunet-skip']))
+    image_io.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / 'img.png')
+    for name in ('snap.safetensors', 'img.png'):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def _rewrite(path, out, edit_header=None, data_edit=None):
     header, data, _ = read_layout(path)
     if edit_header is not None:

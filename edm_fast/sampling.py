@@ -58,7 +58,7 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 
         # Increase the noise level temporarily (churn); the draw happens even when gamma is 0.
         gamma = churn_gamma(S_churn, num_steps, S_min, S_max, t_host[i])
-        t_hat = net.round_sigma(t_cur * (1 + gamma))
+        t_hat = net.round_sigma(t_cur + gamma * t_cur)  # NVlabs' rounding order (not t_cur * (1 + gamma))
         x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
 
         # Euler step (ops.heun_*: the fp64 update, fused into one pass on GPUs, bit-identical to the formulas).

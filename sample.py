@@ -38,7 +38,7 @@ def check_outdir(outdir):
               f'(same settings required; --outdir/{sample_resume.SETTINGS_FILE} records them)', is_flag=True)
 @cli_options.BATCH_OPTION
 @cli_options.apply(cli_options.SAMPLER_OPTIONS + cli_options.GUIDANCE_OPTIONS)
-@click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu')
+@cli_options.device_option()
 @click.option('--grid', 'grid_path', help='Also write all images as one grid PNG', metavar='PNG')
 @click.option('--npz', 'npz_path', help='Also write all images to one uint8 .npz (arr_0 [N,H,W,C], seeds, labels)', metavar='NPZ')
 @cli_options.apply(cli_options.FAST_OPTIONS)
@@ -57,6 +57,8 @@ def main(network_path, outdir, seeds, subdirs, resume, class_idx, max_batch_size
         grid_pad = 2  # the demo digits fill their frames: separate the tiles
     rank, world, device = distributed.init_from_env(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     check_outdir(outdir)
+    cli_options.check_output_file(grid_path, "'--grid'")
+    cli_options.check_output_file(npz_path, "'--npz'")
     setup = cli_options.load_sampling_setup(network_path, gnet_path, vae_path, class_idx, guidance, sampler_kwargs, device,
                                             fast, dtype, compile_net, graphs)
     net, gnet, encoder, denoiser = setup['net'], setup['gnet'], setup['encoder'], setup['denoiser']

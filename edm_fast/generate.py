@@ -100,6 +100,18 @@ def sampler_for(net, gnet=None, guidance=None, **sampler_kwargs):
         ablation = sorted(k for k in ABLATION_KEYS if k in kwargs)
         if ablation:
             raise ValueError(f'{", ".join(ablation)}: the ablation sampler is for EDM networks, not EDM2 ones')
+        if guidance not in (None, 1) and gnet is None:
+            raise ValueError(f'--guidance={guidance:g} needs a guiding network: pass --gnet (an unconditional or '
+                             f'weaker model of the same resolution), or drop --guidance')
+        if gnet is not None:
+            mine = (net.img_resolution, net.img_channels)
+            theirs = (gnet.img_resolution, gnet.img_channels)
+            if theirs != mine:
+                raise ValueError(f'--gnet works on {theirs[0]}x{theirs[0]}x{theirs[1]} inputs but the network on '
+                                 f'{mine[0]}x{mine[0]}x{mine[1]}: the guiding network must match it')
+            if gnet.label_dim not in (0, net.label_dim):
+                raise ValueError(f'--gnet has {gnet.label_dim} classes but the network {net.label_dim}: the guiding '
+                                 f'network must be unconditional or use the same classes')
         if guidance is not None:
             kwargs['guidance'] = guidance
         if gnet is not None:

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -364,6 +365,25 @@ def test_calc_needs_enough_images_and_subsets_like_nvlabs(image_folder, detector
         np.testing.assert_allclose(sigma, np.cov(feats[chosen], rowvar=False), rtol=1e-4, atol=1e-6)
         means[seed] = mu
     assert not np.allclose(means[1], means[2])  # another seed, another subset
+
+
+@needs_detector
+def test_unwritable_outputs_and_mixed_sizes_are_flag_errors(image_folder, tmp_path):
+    """Output files are checked before any feature is computed; a folder of mixed sizes names the odd file."""
+    folder, images, _ = image_folder
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.zeros([2048, 2048]))
+    common = ['--device', 'cpu', '--workers', 0]
+    for args, flag in [(['ref', '--data', folder, '--dest', tmp_path], '--dest'),
+                       (['calc', '--images', folder, '--ref', tmp_path / 'ref.npz', '--num', 12, '--out', tmp_path],
+                        '--out'),
+                       (['calc', '--images', folder, '--num', 12, '--stats', tmp_path], '--stats')]:
+        r = invoke(*args, *common)
+        assert r.exit_code == 2 and f"'{flag}'" in r.output and 'is a directory' in r.output, r.output
+    mixed = tmp_path / 'mixed'
+    shutil.copytree(folder, mixed)
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(mixed / 'odd.png')
+    r = invoke('calc', '--images', mixed, '--ref', tmp_path / 'ref.npz', '--num', 13, *common)
+    assert r.exit_code != 0 and 'odd.png' in r.output and 'Traceback' not in r.output, r.output
 
 
 @pytest.fixture(scope='module')

@@ -113,6 +113,40 @@ def test_foreign_or_missing_network(tmp_path):
         assert len(r.output.strip().splitlines()) <= 4
 
 
+def test_generate_py_is_sample_py(snapshots, tmp_path):
+    """The EDM README's `python generate.py --outdir=out --seeds=0-63 --batch=64 --network=...` runs unchanged."""
+    import generate
+    args = ['--network', snapshots[0], '--seeds', '0-2', '--batch', '2', '--device', 'cpu', '--steps', '3']
+    for cmd, out in ((generate.main, 'a'), (sample.main, 'b')):
+        assert CliRunner().invoke(cmd, args + ['--outdir', str(tmp_path / out)]).exit_code == 0
+    for s in range(3):
+        assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / 'a' / f'{s:06d}.png')),
+                              np.asarray(PIL.Image.open(tmp_path / 'b' / f'{s:06d}.png')))
+
+
+def test_url_network_says_to_download_it(tmp_path):
+    url = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl'
+    r = invoke('--network', url, '--outdir', str(tmp_path / 'o'))
+    assert r.exit_code != 0 and 'does not download' in r.output and 'local path' in r.output, r.output
+
+
+@pytest.mark.parametrize('device, words', [('tpu', 'expected cpu, cuda'), ('cuda', 'no CUDA device'),
+                                           ('cuda:7', 'no CUDA device')])
+def test_bad_device_is_a_flag_error(snapshots, tmp_path, device, words):
+    if device.startswith('cuda') and torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    r = CliRunner().invoke(sample.main, ['--network', snapshots[0], '--outdir', str(tmp_path), '--device', device])
+    assert r.exit_code == 2 and "'--device'" in r.output and words in r.output, r.output
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('flag', ['--grid', '--npz'])
+def test_output_files_are_checked_before_sampling(snapshots, tmp_path, flag):
+    r = invoke('--network', snapshots[0], '--outdir', str(tmp_path / 'o'), flag, str(tmp_path))
+    assert r.exit_code == 2 and f"'{flag}'" in r.output and 'is a directory' in r.output, r.output
+    assert 'Generated' not in r.output
+
+
 def test_unwritable_outdir(snapshots, tmp_path):
     blocker = tmp_path / 'file'
     blocker.write_text('x')

@@ -3,7 +3,10 @@
 
 A power-function EMA with exponent gamma averages the training trajectory theta(tau), tau <= t, with weights
 proportional to tau^gamma; its relative standard deviation ("EMA length") is
-std(gamma) = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))), valid for 0 < std < 0.2887 (gamma > 0).
+std(gamma) = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))). gamma >= 0 gives 0 < std <= sqrt(1/12) = 0.28868
+(MAX_STD); NVlabs accepts EMA lengths 0 < std < 0.289 (STD_LIMIT, the bound of its reconstruct_phema.py
+std lists), the top sliver of which maps to slightly negative exponents (gamma > -0.007), still a proper
+average.
 Training tracks a few such averages (`PowerFunctionEMA`) and snapshots them; afterwards any other
 (time, std) profile is approximated by a least-squares combination of the stored profiles
 (`solve_posthoc_coefficients`) and the weights are combined accordingly (`reconstruct_phema`).
@@ -18,7 +21,8 @@ import re
 import numpy as np
 import torch
 
-MAX_STD = 0.28867513459481287  # exp_to_std(0) = sqrt(1/12): larger stds have no power-function profile
+MAX_STD = 0.28867513459481287  # exp_to_std(0) = sqrt(1/12): the EMA length of a plain running average (gamma = 0)
+STD_LIMIT = 0.289  # EMA lengths lie in (0, STD_LIMIT): NVlabs reconstruct_phema.py's bound on --instd/--outstd
 
 # ----------------------------------------------------------------------------------------------------
 # Power-function profiles (float64 numpy).
@@ -90,10 +94,71 @@ def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std):
 
 
 def check_std(std, what='std'):
-    """Raise ValueError unless 0 < std < 0.2887 (the range a power-function EMA can have)."""
-    if not (isinstance(std, (int, float, np.floating)) and 0 < std < MAX_STD):
-        raise ValueError(f'{what}={std!r} is not a valid EMA length: it must lie in (0, {MAX_STD:.4f}), e.g. 0.05')
+    """Raise ValueError unless 0 < std < 0.289 (STD_LIMIT, the range NVlabs accepts); returns float(std)."""
+    if not (isinstance(std, (int, float, np.floating)) and not isinstance(std, bool) and 0 < std < STD_LIMIT):
+        raise ValueError(f'{what}={std!r} is not a valid EMA length: it must lie in (0, {STD_LIMIT}), e.g. 0.05')
     return float(std)
+
+
+def parse_std_list(text):
+    """Parse a comma-separated list of EMA lengths as NVlabs reconstruct_phema.py does for --outstd/--instd.
+
+    A `...` item continues the arithmetic progression of the two numbers just before it up to the number
+    just after it: '0.010,0.015,...,0.030' -> [0.010, 0.015, 0.020, 0.025, 0.030]. The inserted values are
+    b + (b - a) * k for k = 1..n (a, b the numbers before `...`, c the one after), with
+    n = round((c - b) / (b - a) - 1), which must be at least 1 and within 1e-4 of that ratio. They are not
+    rounded: in '0.010,0.015,...,0.030' the 0.020 is 0.019999999999999997, the value NVlabs uses too.
+    Several `...` items are allowed, each with its own two numbers before it; descending ranges work too.
+    Blank items are ignored. The result is sorted, duplicates removed, and every value must lie in
+    (0, 0.289). A list of numbers is checked and returned sorted the same way.
+    Raises ValueError with a message saying what is wrong.
+    """
+    if isinstance(text, (list, tuple)):
+        items = [float(v) for v in text]
+    else:
+        items = []
+        for token in str(text).split(','):
+            token = token.strip()
+            if token == '...':
+                items.append(None)
+            elif token:
+                try:
+                    items.append(float(token))
+                except ValueError:
+                    raise ValueError(f'{token!r} is not a number: expected a comma-separated list of numbers, '
+                                     f'e.g. 0.05,0.1, or a range such as 0.010,0.015,...,0.250') from None
+    values = []
+    for i, item in enumerate(items):
+        if item is not None:
+            values.append(item)
+            continue
+        if i < 2 or items[i - 2] is None or items[i - 1] is None:
+            raise ValueError("'...' must come after two numbers (the first two terms of the range), e.g. "
+                             "0.010,0.015,...,0.250")
+        if i + 1 >= len(items) or items[i + 1] is None:
+            raise ValueError("'...' must be followed by a number (the last term of the range), e.g. "
+                             "0.010,0.015,...,0.250")
+        a, b, c = items[i - 2], items[i - 1], items[i + 1]
+        step = b - a
+        if step == 0:
+            raise ValueError(f"the two numbers before '...' are equal ({a}, {b}): they set the step of the range, "
+                             f"e.g. 0.010,0.015,...,0.250")
+        ratio = (c - b) / step - 1
+        count = round(ratio)
+        if count <= 0:
+            raise ValueError(f"'...' between {b} and {c} with step {step:g} inserts no value; list the numbers "
+                             f"directly or end the range further away")
+        if abs(count - ratio) > 1e-4:
+            raise ValueError(f"{a},{b},...,{c}: {c} is not reached from {b} in whole steps of {step:g}; make the "
+                             f"last number {b} + k * {step:g}")
+        values.extend(b + step * (k + 1) for k in range(count))
+    if not values:
+        raise ValueError('expected at least one number, e.g. 0.05,0.1')
+    values = sorted(set(values))
+    bad = [v for v in values if not 0 < v < STD_LIMIT]
+    if bad:
+        raise ValueError(f'{bad[0]!r} is not a valid EMA length: every value must lie in (0, {STD_LIMIT}), e.g. 0.05')
+    return values
 
 # ----------------------------------------------------------------------------------------------------
 # EMA trackers used by the training loop.
@@ -214,11 +279,18 @@ def list_input_snapshots(in_dir, in_prefix=None, in_std=None):
     """Snapshots `{prefix}-{kimg}-{std}.pkl|.safetensors` in in_dir, sorted by (nimg, std).
 
     Returns a list of dict(path, nimg, std). nimg is exact for edm_fast snapshots that record it (extra
-    cur_nimg), else kimg_to_nimg(kimg). Filters: in_prefix (e.g. 'network-snapshot') and in_std (list).
+    cur_nimg), else kimg_to_nimg(kimg). Filters: in_prefix (e.g. 'network-snapshot') and in_std (a list, or a
+    string for `parse_std_list`; compared to 3 decimals, where NVlabs compares floats exactly).
     """
     from . import checkpoint
     if not os.path.isdir(in_dir):
         raise PhemaError(f'input directory {in_dir!r} does not exist', 'in_dir')
+    if isinstance(in_std, str):
+        try:
+            in_std = parse_std_list(in_std)
+        except ValueError as e:
+            raise PhemaError(str(e), 'in_std') from None
+    # Matched to 3 decimals (the file names' precision), so range items such as 0.049999999999999996 match.
     wanted = None if in_std is None else {round(float(s), 3) for s in in_std}
     found = []
     with os.scandir(in_dir) as it:
@@ -265,27 +337,39 @@ def _same_network(ref, net, path):
 
 @torch.no_grad()
 def reconstruct_phema(in_snapshots, out_std, out_kimg=None, out_dir='.', out_prefix='phema', max_batch_size=8,
-                      in_prefix=None, in_std=None, out_nimg=None, verbose=True):
+                      in_prefix=None, in_std=None, out_nimg=None, skip_existing=False, verbose=True):
     """Post-hoc EMA reconstruction: write `{out_prefix}-{kimg:07d}-{std:.3f}.safetensors` for every std in out_std.
 
     in_snapshots: a directory of `network-snapshot-{kimg}-{std}` files (edm_fast .safetensors or official
-    EDM2 .pkl; filtered by in_prefix / in_std) or a list of dict(path, nimg, std). out_std: a float or a list
-    in (0, 0.2887). out_kimg / out_nimg: the training time to reconstruct (default the newest input);
-    only inputs with 0 < nimg <= out_nimg are used. Up to max_batch_size outputs are built per pass over
-    the inputs, so with len(out_std) <= max_batch_size every input is read exactly once; memory holds one
-    input network plus the fp32 accumulators of the outputs. Parameters are sum_i X[i, k] theta_i (fp32),
-    buffers come from the newest input, the result is stored with fp16 parameters (as NVlabs).
-    Returns a list of dict(path, std, nimg, coefs).
+    EDM2 .pkl; filtered by in_prefix / in_std) or a list of dict(path, nimg, std). out_std: a float, a list
+    in (0, 0.289), or a string for `parse_std_list` ('0.010,0.015,...,0.250'). Stds that give the same file
+    name (equal to 3 decimals) are written once. out_kimg / out_nimg: the training time to reconstruct
+    (default the newest input); only inputs with 0 < nimg <= out_nimg are used. NVlabs requires an input
+    snapshot at exactly that time; here any time within the inputs' range works. skip_existing: leave out
+    stds whose output file already exists (NVlabs --skip; files are written atomically, so an existing one
+    is complete); when nothing is left no input is read. Up to max_batch_size outputs are built per pass
+    over the inputs, so with len(out_std) <= max_batch_size every input is read exactly once; memory holds
+    one input network plus the fp32 accumulators of the outputs. Parameters are sum_i X[i, k] theta_i
+    (fp32), buffers come from the newest input, the result is stored with fp16 parameters (as NVlabs).
+    Returns a list of dict(path, std, nimg, coefs), one per file written.
     """
     from . import checkpoint
     inputs = _resolve_inputs(in_snapshots, in_prefix, in_std)
     if not inputs:
         raise PhemaError(f'no input snapshots found in {in_snapshots!r} (expected files named '
                          f'<prefix>-<kimg>-<std>.safetensors or .pkl)', 'in_dir')
+    if isinstance(out_std, str):
+        try:
+            out_std = parse_std_list(out_std)
+        except ValueError as e:
+            raise PhemaError(str(e), 'out_std') from None
     out_stds = [out_std] if isinstance(out_std, (int, float, np.floating)) else list(out_std)
     if not out_stds:
         raise PhemaError('no output std given', 'out_std')
-    out_stds = sorted({check_std_param(s) for s in out_stds})
+    by_name = {}
+    for std in sorted({check_std_param(s) for s in out_stds}):
+        by_name.setdefault(f'{std:.3f}', std)  # one output per file name (e.g. 0.02 and 0.020000000000000004)
+    out_stds = list(by_name.values())
     if max_batch_size < 1:
         raise PhemaError(f'max_batch_size must be at least 1, got {max_batch_size}', 'max_batch_size')
 
@@ -296,6 +380,9 @@ def reconstruct_phema(in_snapshots, out_std, out_kimg=None, out_dir='.', out_pre
             raise PhemaError(f'out_kimg must be a positive integer, got {out_kimg!r}', 'out_kimg')
         exact = [s['nimg'] for s in inputs if s['nimg'] // 1000 == out_kimg]
         out_nimg = exact[0] if exact else kimg_to_nimg(out_kimg)
+        if out_nimg // 1000 != out_kimg:
+            raise PhemaError(f'no multiple of 1024 images falls in {out_kimg} kimg, so no snapshot can have that '
+                             f'name; give the kimg of one of the input snapshots', 'out_kimg')
     if out_nimg is None:
         out_nimg = max(s['nimg'] for s in inputs)
     newest = max(s['nimg'] for s in inputs)
@@ -315,6 +402,21 @@ def reconstruct_phema(in_snapshots, out_std, out_kimg=None, out_dir='.', out_pre
         seen[key] = s['path']
     in_nimg = np.float64([s['nimg'] for s in inputs])
     in_stds = np.float64([check_std(s['std'], f'input {s["path"]} std') for s in inputs])
+
+    def out_path(std):
+        return os.path.join(out_dir if out_dir is not None else '.',
+                            f'{out_prefix}-{out_nimg // 1000:07d}-{std:.3f}.safetensors')
+
+    if skip_existing:
+        existing = [std for std in out_stds if os.path.isfile(out_path(std))]
+        if verbose:
+            for std in existing:
+                print(f'Skipping {out_path(std)}: it exists')
+        out_stds = [std for std in out_stds if std not in existing]
+        if not out_stds:
+            if verbose:
+                print('Nothing to reconstruct: every output file exists')
+            return []
     if verbose:
         print(f'Reconstructing {len(out_stds)} EMA profile(s) at {out_nimg} images from {len(inputs)} snapshots')
 
@@ -350,8 +452,7 @@ def reconstruct_phema(in_snapshots, out_std, out_kimg=None, out_dir='.', out_pre
         for j, std in enumerate(batch):
             for name, p in net.named_parameters():
                 p.copy_(acc[j][name])
-            path = os.path.join(out_dir if out_dir is not None else '.',
-                                f'{out_prefix}-{out_nimg // 1000:07d}-{std:.3f}.safetensors')
+            path = out_path(std)
             extra = dict(kimg=out_nimg / 1000, cur_nimg=int(out_nimg), ema_std=float(std),
                          phema_inputs=[dict(file=os.path.basename(s['path']), nimg=int(s['nimg']), std=float(s['std']),
                                             coef=float(coefs[i, j])) for i, s in enumerate(inputs)])

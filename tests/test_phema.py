@@ -409,3 +409,99 @@ def test_reconstruct_cli(run, tmp_path):
         assert flag in res.output and message in res.output, res.output
     missing = cli('--indir', run['run_dir'], '--outdir', str(tmp_path / 'err'))
     assert missing.exit_code == 2 and '--outstd' in missing.output
+
+
+def test_parse_std_list_ranges_and_bound():
+    """NVlabs list syntax: 'a,b,...,c' continues b + (b - a) * k up to c (the README's 0.010,0.015,...,0.250 gives
+    49 values); values are sorted and deduplicated, and each must lie in (0, 0.289), NVlabs' bound."""
+    got = phema.parse_std_list('0.010,0.015,...,0.250')
+    assert len(got) == 49 and got[:2] == [0.010, 0.015] and got[-1] == 0.250
+    assert got[2:-1] == [0.015 + (0.015 - 0.010) * k for k in range(1, 47)]  # not rounded, as NVlabs
+    assert [f'{v:.3f}' for v in got] == [f'{v / 1000:.3f}' for v in range(10, 251, 5)]
+    assert phema.parse_std_list('0.05,0.04,...,0.01') == [0.01] + [0.04 + (0.04 - 0.05) * k for k in (2, 1)] + \
+        [0.04, 0.05]
+    assert phema.parse_std_list('0.1, 0.02,0.05,0.1,') == [0.02, 0.05, 0.1]
+    assert phema.parse_std_list('0.01,0.02,...,0.04,0.1,0.15,...,0.25') == \
+        [0.01, 0.02, 0.02 + 0.01, 0.02 + 0.01 * 2, 0.1, 0.15, 0.15 + (0.15 - 0.1), 0.25]
+    assert phema.parse_std_list('0.2888') == [0.2888]  # above sqrt(1/12) = 0.28868 but below 0.289
+    assert phema.parse_std_list([0.1, 0.05]) == [0.05, 0.1]
+    for bad, message in [
+        ('0.01,...,0.05', 'must come after two numbers'),
+        ('...,0.01,0.02', 'must come after two numbers'),
+        ('0.01,0.02,...,0.05,...,0.09', 'must come after two numbers'),
+        ('0.01,0.02,...', 'must be followed by a number'),
+        ('0.01,0.02,...,...,0.05', 'must be followed by a number'),
+        ('0.02,0.02,...,0.05', 'are equal'),
+        ('0.01,0.02,...,0.03', 'inserts no value'),
+        ('0.03,0.02,...,0.05', 'inserts no value'),
+        ('0.01,0.02,...,0.035', 'whole steps'),
+        ('0.289', 'not a valid EMA length'),
+        ('0.1,0.2,...,0.4', 'not a valid EMA length'),
+        ('0', 'not a valid EMA length'),
+        ('abc', 'comma-separated list'),
+        ('', 'at least one number'),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            phema.parse_std_list(bad)
+    # The same bound everywhere: the checks of the tracker and of reconstruct_phema.
+    assert phema.check_std(0.2888) == 0.2888
+    with pytest.raises(ValueError, match=r'\(0, 0.289\)'):
+        phema.check_std(0.289)
+    assert np.isfinite(phema.solve_posthoc_coefficients([1024, 2048], [0.05, 0.1], 2048, [0.2888])).all()
+
+
+def test_reconstruct_cli_range_skip_and_bound(run, tmp_path, monkeypatch):
+    """The EDM2 README's reconstruct_phema.py commands: '...' ranges, --skip, stds up to 0.289."""
+    cli = lambda *args, **kw: CliRunner().invoke(reconstruct_phema.main, list(args), **kw)  # noqa: E731
+    out = tmp_path / 'out'
+    names = lambda stds: [f'phema-0000004-{s}.safetensors' for s in stds]  # noqa: E731
+    r = cli(f'--indir={run["run_dir"]}', f'--outdir={out}', '--outstd=0.060,0.080,...,0.120', '--outkimg=4',
+            '--instd=0.020,0.030,...,0.100')
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == names(['0.060', '0.080', '0.100', '0.120'])
+    assert 0.03 + (0.03 - 0.02) * 2 != 0.05  # the range's 0.050 matches the snapshots' 0.050 to 3 decimals
+    assert len(checkpoint.read_snapshot_extra(out / names(['0.060'])[0])['phema_inputs']) == 8
+    assert checkpoint.read_snapshot_extra(out / names(['0.100'])[0])['ema_std'] == 0.08 + 0.02
+
+    # --skip: existing outputs are left alone (a marker survives), missing ones are written.
+    marker = out / names(['0.080'])[0]
+    marker.write_bytes(b'kept')
+    (out / names(['0.120'])[0]).unlink()
+    r = cli(f'--indir={run["run_dir"]}', f'--outdir={out}', '--outstd=0.060,0.080,...,0.120', '--outkimg=4', '--skip')
+    assert r.exit_code == 0, r.output
+    assert marker.read_bytes() == b'kept' and 'Skipping' in r.output
+    assert sorted(os.listdir(out)) == names(['0.060', '0.080', '0.100', '0.120'])
+    # Everything exists: no input is read at all.
+    monkeypatch.setattr(checkpoint, 'load_snapshot', lambda path: pytest.fail(f'read {path}'))
+    r = cli(f'--indir={run["run_dir"]}', f'--outdir={out}', '--outstd=0.060,0.080,...,0.120', '--outkimg=4', '--skip')
+    assert r.exit_code == 0 and 'Nothing to reconstruct' in r.output, r.output
+    monkeypatch.undo()
+    # Without --skip the file is rewritten.
+    r = cli(f'--indir={run["run_dir"]}', f'--outdir={out}', '--outstd=0.080', '--outkimg=4')
+    assert r.exit_code == 0 and marker.read_bytes()[:8] != b'kept', r.output
+
+    # Above sqrt(1/12) but below 0.289 works (a slightly negative exponent); 0.289 is refused, naming the flag.
+    r = cli(f'--indir={run["run_dir"]}', f'--outdir={out}', '--outstd=0.2888', '--outkimg=4')
+    assert r.exit_code == 0, r.output
+    assert os.path.exists(out / names(['0.289'])[0])
+    for flag in ('--outstd', '--instd'):
+        args = {'--outstd': '0.1', '--instd': None, flag: '0.289'}
+        r = cli(f'--indir={run["run_dir"]}', f'--outdir={out}', *[f'{k}={v}' for k, v in args.items() if v])
+        assert r.exit_code == 2 and flag in r.output and '(0, 0.289)' in r.output, r.output
+    r = cli(f'--indir={run["run_dir"]}', f'--outdir={out}', '--outstd=0.01,0.02,...,0.045')
+    assert r.exit_code == 2 and '--outstd' in r.output and 'whole steps' in r.output, r.output
+    r = cli(f'--indir={run["run_dir"]}', f'--outdir={out}', '--outstd=0.1', env={'WORLD_SIZE': '2'})
+    assert r.exit_code == 1 and 'not torchrun' in r.output
+
+
+def test_reconstruct_one_file_per_name_and_unnamable_kimg(run, tmp_path):
+    # 0.02 and 0.01 + 0.01 * 1 (a '...' value) would write the same file: it is written once.
+    out = phema.reconstruct_phema(run['run_dir'], [0.02, 0.020000000000000004, 0.05], out_dir=str(tmp_path),
+                                  verbose=False)
+    assert [os.path.basename(o['path']) for o in out] == ['phema-0000008-0.020.safetensors',
+                                                          'phema-0000008-0.050.safetensors']
+    assert phema.reconstruct_phema(run['run_dir'], '0.020,0.050', out_dir=str(tmp_path), skip_existing=True,
+                                   verbose=False) == []
+    # kimg 42 names no image count that is a multiple of 1024 (41984 -> 41, 43008 -> 43).
+    with pytest.raises(phema.PhemaError, match='no multiple of 1024 images falls in 42 kimg'):
+        phema.reconstruct_phema(run['run_dir'], 0.05, out_kimg=42, out_dir=str(tmp_path), verbose=False)

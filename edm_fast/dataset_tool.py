@@ -1,4 +1,4 @@
-"""Convert raw image collections into the EDM dataset format (spec §7.1, §7.3); the logic of dataset_tool.py.
+"""Convert raw image collections into the EDM/EDM2 dataset format (spec §7.1, §7.3); the logic of dataset_tool.py.
 
 Output: an uncompressed zip (ZIP_STORED) or a new/empty directory holding uncompressed PNGs named
 `{idx // 1000:05d}/img{idx:08d}.png` and `dataset.json` = {"labels": [[name, label], ...]} (null unless
@@ -14,7 +14,21 @@ Sources (`open_dataset`):
     zero-padded to 32x32, labels 0-9.
   LSUN lmdb folders (`*_lmdb`) are not supported: export their images to a folder first.
 
-Public API: `convert_dataset`, `open_dataset`, `make_transform`, `parse_resolution`, `DatasetToolError`.
+Two flavours of conversion (`convert_dataset(flavor=...)`):
+  * 'edm' (NVlabs edm `dataset_tool.py --source ... --dest ...`): grayscale stays grayscale (mode L);
+    folder images are sorted by path components (as pathlib paths sort).
+  * 'edm2' (NVlabs edm2 `dataset_tool.py convert ...`): every image is converted to RGB when read (PIL
+    convert('RGB'): gray is replicated, alpha dropped); folder images are sorted by their path strings.
+Transforms: center-crop, center-crop-wide (EDM) and center-crop-dhariwal (EDM2; the ADM center crop used
+for ImageNet 64x64 and 512x512, see `_center_crop_dhariwal`); all flavours accept all three.
+
+`encode_dataset` (NVlabs edm2 `dataset_tool.py encode`): images -> Stable Diffusion VAE latents, one
+float32 .npy file [8, H/8, W/8] (posterior mean then std) per image, named
+`{idx // 1000:05d}/img-mean-std-{idx:08d}.npy`, plus dataset.json. It needs the VAE locally (see
+`edm_fast.encoders.StabilityVAEEncoder`) or any encoder object with `encode_pixels`.
+
+Public API: `convert_dataset`, `encode_dataset`, `open_dataset`, `make_transform`, `parse_resolution`,
+`DatasetToolError`, `archive_fname`, `latent_fname`, `TRANSFORMS`.
 """
 
 import functools
@@ -34,8 +48,11 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-__all__ = ['convert_dataset', 'open_dataset', 'make_transform', 'parse_resolution', 'DatasetToolError',
-           'archive_fname']
+__all__ = ['convert_dataset', 'encode_dataset', 'open_dataset', 'make_transform', 'parse_resolution',
+           'DatasetToolError', 'archive_fname', 'latent_fname', 'TRANSFORMS']
+
+TRANSFORMS = ('center-crop', 'center-crop-wide', 'center-crop-dhariwal')
+FLAVORS = ('edm', 'edm2')
 
 
 class DatasetToolError(Exception):
@@ -51,19 +68,27 @@ def archive_fname(idx):
     return f'{idx // 1000:05d}/img{idx:08d}.png'
 
 
+def latent_fname(idx):
+    """'00000/img-mean-std-00000000.npy'-style name of the VAE latents of image idx (dataset_tool.py encode)."""
+    return f'{idx // 1000:05d}/img-mean-std-{idx:08d}.npy'
+
+
 def _is_image_ext(fname):
     PIL.Image.init()
     return os.path.splitext(str(fname))[1].lower() in PIL.Image.EXTENSION
 
 
-def _decode(file_or_bytes, where):
-    """An encoded image -> uint8 [H, W] or [H, W, C] array (palette, 1-bit and CMYK converted to L/RGB)."""
+def _decode(file_or_bytes, where, rgb=False):
+    """An encoded image -> uint8 [H, W] or [H, W, C] array (palette, 1-bit and CMYK converted to L/RGB);
+    rgb=True: always [H, W, 3] through PIL convert('RGB'), as NVlabs edm2."""
     try:
         if isinstance(file_or_bytes, (bytes, bytearray)):
             file_or_bytes = io.BytesIO(file_or_bytes)
         with PIL.Image.open(file_or_bytes) as image:
             image.load()
-            if image.mode == 'P':
+            if rgb:
+                image = image.convert('RGB')
+            elif image.mode == 'P':
                 image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
             elif image.mode == '1':
                 image = image.convert('L')
@@ -100,13 +125,17 @@ def _limit(n, max_images):
 # Sources: each returns (number of images, iterator of dict(img=uint8 HW/HWC array, label=int|list|None, name=str)).
 
 
-def open_image_folder(source_dir, max_images=None):
+def open_image_folder(source_dir, max_images=None, flavor='edm'):
     paths = []
     for root, _dirs, files in os.walk(source_dir):
         for fname in files:
             if _is_image_ext(fname):
                 paths.append(os.path.relpath(os.path.join(root, fname), source_dir).replace('\\', '/'))
-    paths.sort(key=lambda p: p.split('/'))  # by path components, as NVlabs sorts pathlib paths
+    if flavor == 'edm2':
+        paths.sort()  # by path string, as NVlabs edm2 sorts its os.scandir paths ('a-b/x' before 'a/x')
+    else:
+        paths.sort(key=lambda p: p.split('/'))  # by path components, as NVlabs edm sorts pathlib paths
+    rgb = flavor == 'edm2'
 
     labels = {}
     meta_fname = os.path.join(source_dir, 'dataset.json')
@@ -124,11 +153,12 @@ def open_image_folder(source_dir, max_images=None):
     def iterate_images():
         for p in paths[:n]:
             where = os.path.join(source_dir, p)
-            yield dict(img=_decode(where, where), label=labels.get(p), name=where)
+            yield dict(img=_decode(where, where, rgb), label=labels.get(p), name=where)
     return n, iterate_images()
 
 
-def open_image_zip(source, max_images=None):
+def open_image_zip(source, max_images=None, flavor='edm'):
+    rgb = flavor == 'edm2'
     try:
         with zipfile.ZipFile(source, mode='r') as z:
             names = z.namelist()
@@ -143,7 +173,7 @@ def open_image_zip(source, max_images=None):
         with zipfile.ZipFile(source, mode='r') as z:
             for fname in fnames[:n]:
                 where = f'{source}:{fname}'
-                yield dict(img=_decode(z.read(fname), where), label=labels.get(fname), name=where)
+                yield dict(img=_decode(z.read(fname), where, rgb), label=labels.get(fname), name=where)
     return n, iterate_images()
 
 
@@ -250,22 +280,39 @@ def open_mnist(images_gz, max_images=None):
     return n, iterate_images()
 
 
-def open_dataset(source, max_images=None):
-    """(number of images, iterator of dict(img, label, name)) for any supported source (see module doc)."""
+def _rgb_images(opened):
+    """Grayscale images of a source -> RGB (gray replicated), as PIL convert('RGB') in NVlabs edm2."""
+    n, images = opened
+
+    def iterate_images():
+        for image in images:
+            if image['img'].ndim == 2:
+                image = dict(image, img=np.repeat(image['img'][:, :, np.newaxis], 3, axis=2))
+            yield image
+    return n, iterate_images()
+
+
+def open_dataset(source, max_images=None, flavor='edm'):
+    """(number of images, iterator of dict(img, label, name)) for any supported source (see module doc).
+
+    flavor='edm2' reads every image as RGB [H, W, 3] and sorts folder images by path string (NVlabs edm2)."""
     source = os.fspath(source)
+    if flavor not in FLAVORS:
+        raise ValueError(f'flavor must be one of {FLAVORS}, got {flavor!r}')
     if os.path.isdir(source):
         if source.rstrip('/\\').endswith('_lmdb'):
             raise DatasetToolError(f'{source}: LSUN lmdb sources are not supported by edm_fast; export the images '
                                    f'to a folder first and pass that folder as --source')
-        return open_image_folder(source, max_images=max_images)
+        return open_image_folder(source, max_images=max_images, flavor=flavor)
     if os.path.isfile(source):
         base = os.path.basename(source)
         if base == 'cifar-10-python.tar.gz':
             return open_cifar10(source, max_images=max_images)
         if base.endswith('images-idx3-ubyte.gz'):
-            return open_mnist(source, max_images=max_images)
+            opened = open_mnist(source, max_images=max_images)
+            return _rgb_images(opened) if flavor == 'edm2' else opened
         if base.lower().endswith('.zip'):
-            return open_image_zip(source, max_images=max_images)
+            return open_image_zip(source, max_images=max_images, flavor=flavor)
         raise DatasetToolError(f'{source}: unknown source type; --source must be {SUPPORTED_SOURCES}')
     raise DatasetToolError(f'{source}: no such file or directory; --source must be {SUPPORTED_SOURCES}')
 
@@ -309,14 +356,38 @@ def _center_crop_wide(width, height, img):
     return canvas
 
 
+def _center_crop_dhariwal(size, img):
+    """The ADM center crop (Dhariwal & Nichol 2021; `center_crop_arr` of openai/guided-diffusion, MIT licence),
+    which NVlabs edm2 uses for ImageNet:
+      1. while the shorter side is >= 2 * size, halve both sides (floor) with a PIL BOX resize;
+      2. scale so that the shorter side is `size`: each side becomes round(side * size / shorter side)
+         (Python round, halves to even), PIL BICUBIC;
+      3. crop size x size at offsets ((H - size) // 2, (W - size) // 2).
+    Never skips an image: smaller images are scaled up."""
+    image = PIL.Image.fromarray(img)
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=PIL.Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=PIL.Image.BICUBIC)
+    out = np.array(image)
+    top, left = (out.shape[0] - size) // 2, (out.shape[1] - size) // 2
+    return out[top:top + size, left:left + size]
+
+
 def make_transform(transform=None, width=None, height=None):
-    """The per-image transform: None (LANCZOS resize when a size is given), 'center-crop' or 'center-crop-wide'."""
+    """The per-image transform: None (LANCZOS resize when a size is given), 'center-crop', 'center-crop-wide'
+    or 'center-crop-dhariwal' (which needs width == height)."""
     if transform is None:
         return functools.partial(_scale, width, height)
-    if transform not in ('center-crop', 'center-crop-wide'):
-        raise DatasetToolError(f'unknown transform {transform!r}; use center-crop or center-crop-wide')
+    if transform not in TRANSFORMS:
+        raise DatasetToolError(f'unknown transform {transform!r}; use one of {", ".join(TRANSFORMS)}')
     if width is None or height is None:
         raise DatasetToolError(f'--transform={transform} needs --resolution=WxH (e.g. --resolution=64x64)')
+    if transform == 'center-crop-dhariwal':
+        if width != height:
+            raise DatasetToolError(f'--transform=center-crop-dhariwal makes square images: give --resolution=RxR, '
+                                   f'not {width}x{height}')
+        return functools.partial(_center_crop_dhariwal, width)
     return functools.partial(_center_crop if transform == 'center-crop' else _center_crop_wide, width, height)
 
 
@@ -405,16 +476,18 @@ class _Destination:
 # ----------------------------------------------------------------------------------------------------
 
 
-def convert_dataset(source, dest, max_images=None, transform=None, resolution=None, progress=True):
+def convert_dataset(source, dest, max_images=None, transform=None, resolution=None, progress=True, flavor='edm'):
     """Convert `source` into an EDM dataset at `dest` (a .zip or a new/empty directory).
 
     Args:
         source: see `open_dataset`.
         dest: output .zip (uncompressed) or directory.
         max_images: convert at most this many source images.
-        transform: None, 'center-crop' or 'center-crop-wide'.
+        transform: None, 'center-crop', 'center-crop-wide' or 'center-crop-dhariwal'.
         resolution: output size as (W, H) or 'WxH'; None keeps the source size (no transform only).
         progress: show a tqdm progress bar.
+        flavor: 'edm' (dataset_tool.py --source ...: grayscale kept) or 'edm2' (dataset_tool.py convert:
+            every image read as RGB, folders sorted by path string); see the module doc.
 
     Returns dict(dest, num_images (written), num_skipped, resolution, channels, labelled).
     Raises DatasetToolError for anything the user can fix (the message says what).
@@ -426,7 +499,7 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
         raise DatasetToolError(f'--max-images={max_images} must be at least 1')
     width, height = parse_resolution(resolution) or (None, None)
     transform_image = make_transform(transform, width, height)
-    num_files, images = open_dataset(source, max_images=max_images)
+    num_files, images = open_dataset(source, max_images=max_images, flavor=flavor)
     if num_files == 0:
         raise DatasetToolError(f'{source}: no images found; --source must be {SUPPORTED_SOURCES}')
 
@@ -479,3 +552,99 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
         raise
     return dict(dest=dest, num_images=len(labels), num_skipped=num_skipped,
                 resolution=(attrs['width'], attrs['height']), channels=attrs['channels'], labelled=labelled)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _default_device():
+    import torch
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_images=None, device=None, batch_size=1,
+                   encoder=None, progress=True):
+    """Encode the images of `source` into Stable Diffusion VAE latents at `dest` (NVlabs edm2 `dataset_tool.py
+    encode`): the latent dataset an EDM2 latent model (img512 presets, StabilityVAEEncoder) trains on.
+
+    Each image (read as RGB, no transform: convert it to the training resolution first) becomes
+    `latent_fname(idx)` = '{idx // 1000:05d}/img-mean-std-{idx:08d}.npy', a float32 array [8, H/8, W/8]
+    written with np.save: the VAE posterior mean (4 channels) then its std (4 channels), i.e.
+    `encoder.encode_pixels(uint8 [1, 3, H, W])[0]`. dataset.json holds the labels as for images.
+
+    Args:
+        source: a directory or .zip of images (or any `open_dataset` source), e.g. the output of convert.
+        dest: output .zip (uncompressed) or new/empty directory.
+        model_url: the VAE: a local diffusers AutoencoderKL directory (or a name in the local Hugging Face
+            cache); nothing is downloaded. Ignored when `encoder` is given.
+        max_images: encode at most this many images.
+        device: where the VAE runs (default: cuda if available, else cpu).
+        batch_size: images per VAE call (NVlabs: 1).
+        encoder: an object with encode_pixels(uint8 [N, 3, H, W]) -> float [N, C, h, w] (and optionally
+            init(device)); default StabilityVAEEncoder(vae_name=model_url).
+        progress: show a tqdm progress bar.
+
+    Returns dict(dest, num_images, latent_shape=[C, h, w], labelled).
+    Raises DatasetToolError for anything the user can fix, including a VAE that is not available.
+    """
+    import torch
+
+    from . import encoders
+    source, dest = os.fspath(source), os.fspath(dest)
+    if dest == '':
+        raise DatasetToolError('--dest must not be empty: give an output .zip file name or directory')
+    if max_images is not None and max_images < 1:
+        raise DatasetToolError(f'--max-images={max_images} must be at least 1')
+    if batch_size < 1:
+        raise DatasetToolError(f'--batch={batch_size} must be at least 1')
+    device = _default_device() if device is None else torch.device(device)
+    if encoder is None:
+        encoder = encoders.StabilityVAEEncoder(vae_name=model_url, batch_size=batch_size)
+    try:
+        if hasattr(encoder, 'init'):
+            encoder.init(device)  # fails here, before any output exists, when the VAE is missing
+    except encoders.VAEUnavailableError as e:
+        raise DatasetToolError(f'--model-url={model_url}: {e}') from None
+    num_files, images = open_dataset(source, max_images=max_images, flavor='edm2')
+    if num_files == 0:
+        raise DatasetToolError(f'{source}: no images found; --source must be {SUPPORTED_SOURCES}')
+
+    out = _Destination(dest)
+    try:
+        labels = []
+        shape = latent_shape = None
+
+        def flush(batch):
+            nonlocal latent_shape
+            x = torch.from_numpy(np.stack([image['img'] for _idx, image in batch])).permute(0, 3, 1, 2)
+            with torch.no_grad():
+                raw = encoder.encode_pixels(x.to(device))
+            raw = raw.detach().to('cpu', torch.float32).numpy()
+            for (idx, image), latents in zip(batch, raw):
+                buf = io.BytesIO()
+                np.save(buf, np.ascontiguousarray(latents), allow_pickle=False)
+                out.write(latent_fname(idx), buf.getbuffer())
+                labels.append([latent_fname(idx), image['label']] if image['label'] is not None else None)
+            latent_shape = list(raw.shape[1:])
+
+        batch = []
+        for idx, image in tqdm(enumerate(images), total=num_files, disable=not progress, unit='img'):
+            if shape is None:
+                shape = image['img'].shape
+            elif image['img'].shape != shape:
+                raise DatasetToolError(f'{image["name"]}: image is {image["img"].shape[1]}x{image["img"].shape[0]}, '
+                                       f'but the first image is {shape[1]}x{shape[0]}; all images must have one size: '
+                                       f'convert them first (dataset_tool.py convert --resolution=RxR)')
+            batch.append((idx, image))
+            if len(batch) == batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+        labelled = all(x is not None for x in labels)
+        out.write('dataset.json', json.dumps({'labels': labels if labelled else None}))
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    return dict(dest=dest, num_images=len(labels), latent_shape=latent_shape, labelled=labelled)

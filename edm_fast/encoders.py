@@ -7,8 +7,11 @@
   'stabilityai/sd-vae-ft-mse'. Datasets store the VAE's raw latent mean and std (8 channels);
   `encode_latents` samples mean + randn * std and maps each channel to final_std / raw_std scale and
   final_mean bias, which needs no VAE. `encode_pixels`/`decode` run the VAE itself, which edm_fast does not
-  ship and cannot download: give a local copy (a diffusers AutoencoderKL directory) as `vae_name`, with
-  the `diffusers` package installed, or these raise `VAEUnavailableError` saying so.
+  ship and cannot download: give a local copy (a diffusers AutoencoderKL directory) as `vae_name`, or a
+  Hugging Face name already in the local Hugging Face cache, with the `diffusers` package installed, or
+  these raise `VAEUnavailableError` saying so. As in NVlabs, the VAE sees pixels scaled to [0, 1] (not
+  [-1, 1]) and its decoder output is read as [0, 1]: the raw_mean/raw_std statistics and every official
+  EDM2 latent model assume exactly that.
 
 Every encoder: encode(x) = encode_latents(encode_pixels(x)); init(device) does any lazy set-up.
 """
@@ -77,8 +80,10 @@ class StabilityVAEEncoder(Encoder):
     """Latent space of the SD VAE: 8-channel raw latents (mean, std) -> 4-channel normalised latents.
 
     scale = final_std / raw_std and bias = final_mean - raw_mean * scale (float32 numpy arrays, as in NVlabs
-    pickles, which store them). `vae_name` must be a local diffusers AutoencoderKL directory to encode
-    pixels or decode; the Hugging Face name cannot be downloaded here.
+    pickles, which store them). To encode pixels or decode, `vae_name` must be a local diffusers
+    AutoencoderKL directory (or a name in the local Hugging Face cache); nothing is downloaded. A loaded
+    VAE can also be given directly by setting `_vae` (any module whose encode(x)['latent_dist'] has .mean
+    and .std, and whose decode(z)['sample'] is the image).
     """
 
     def __init__(self, vae_name='stabilityai/sd-vae-ft-mse', raw_mean=[5.81, 3.25, 0.12, -2.15],
@@ -103,9 +108,11 @@ class StabilityVAEEncoder(Encoder):
         return torch.as_tensor(np.asarray(value, dtype=np.float32), device=x.device).reshape(1, -1, 1, 1)
 
     def encode_pixels(self, x):
-        """uint8 [N, 3, H, W] -> raw latents float32 [N, 8, H/8, W/8] (mean and std of the VAE posterior)."""
+        """uint8 [N, 3, H, W] -> raw latents float32 [N, 8, H/8, W/8] (mean and std of the VAE posterior).
+
+        The VAE gets x / 255, i.e. [0, 1], as NVlabs (the raw_mean/raw_std defaults are statistics of that)."""
         self.init(x.device)
-        x = x.to(torch.float32) / 127.5 - 1
+        x = x.to(torch.float32) / 255
         out = []
         for batch in x.split(self.batch_size):
             d = self._vae.encode(batch)['latent_dist']
@@ -121,28 +128,39 @@ class StabilityVAEEncoder(Encoder):
         return x
 
     def decode(self, x):
-        """Latents [N, 4, h, w] -> uint8 RGB [N, 3, 8h, 8w] through the VAE decoder."""
+        """Latents [N, 4, h, w] -> uint8 RGB [N, 3, 8h, 8w]: trunc(255 clamp(VAE decoder output, 0, 1)).
+
+        The decoder output is read as [0, 1], matching the [0, 1] input of encode_pixels (as NVlabs)."""
         self.init(x.device)
         x = x.to(torch.float32)
         x = x - self._const(self.bias, x)
         x = x / self._const(self.scale, x)
         x = torch.cat([self._vae.decode(batch)['sample'] for batch in x.split(self.batch_size)])
-        x = (x + 1) / 2  # the VAE's output range is [-1, 1]
         return x.clamp(0, 1).mul(255).to(torch.uint8)
 
 
+VAE_HINT = ('The Stable Diffusion VAE (stabilityai/sd-vae-ft-mse, a diffusers AutoencoderKL) is required to encode '
+            'pixels or decode latents of a latent-space model. edm_fast cannot download it: download it yourself '
+            '(the directory holds config.json and diffusion_pytorch_model.safetensors) and pass its local directory '
+            '(sample.py --vae=<dir>, dataset_tool.py encode --model-url=<dir>, or '
+            'StabilityVAEEncoder(vae_name=<dir>)), with the diffusers package installed.')
+
+
 def _load_vae(vae_name, device):
-    hint = ('The Stable Diffusion VAE (stabilityai/sd-vae-ft-mse, a diffusers AutoencoderKL) is required to encode '
-            'pixels or decode latents of this latent-space model. edm_fast cannot download it: download it '
-            'yourself and pass its local directory as StabilityVAEEncoder(vae_name=<dir>) (or set encoder.vae_name), '
-            'with the diffusers package installed.')
-    if not os.path.isdir(str(vae_name)):
-        raise VAEUnavailableError(f'{hint} vae_name={vae_name!r} is not a local directory.')
+    """The diffusers AutoencoderKL at the local directory `vae_name` (or in the local Hugging Face cache)."""
+    vae_name = str(vae_name)
+    is_dir = os.path.isdir(vae_name)
     try:
         from diffusers.models import AutoencoderKL
     except ImportError as e:
-        raise VAEUnavailableError(f'{hint} The diffusers package is not installed ({e}).') from e
-    vae = AutoencoderKL.from_pretrained(str(vae_name), local_files_only=True)
+        where = '' if is_dir else f' vae_name={vae_name!r} is not a local directory either.'
+        raise VAEUnavailableError(f'{VAE_HINT} The diffusers package is not installed ({e}).{where}') from e
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_name, local_files_only=True)  # never downloads
+    except Exception as e:  # diffusers/huggingface_hub raise several types for a missing or broken model
+        where = f'{vae_name!r} could not be loaded as a diffusers AutoencoderKL' if is_dir else \
+            f'vae_name={vae_name!r} is not a local directory, nor in the local Hugging Face cache'
+        raise VAEUnavailableError(f'{VAE_HINT} {where} ({type(e).__name__}: {e}).') from e
     return vae.eval().requires_grad_(False).to(device)
 
 

@@ -1,6 +1,6 @@
 // Runs the real attention kernels and launchers (csrc/attention/*.cu, compiled as C++ on top of cuda_emu.h) on
 // the CPU, for tests/ops/test_attention.py on machines without a GPU. Build (the test does this):
-//   g++ -std=c++20 -O1 -pthread -fsanitize=address,undefined -DEDM_ATTN_EMULATE -Icsrc \
+//   g++ -std=c++20 -O0 -pthread -fsanitize=address -DEDM_ATTN_EMULATE -Icsrc \
 //       csrc/attention/emulator/attention_emulator.cc -o attention_emulator
 // Usage: attention_emulator IN OUT. IN holds a header of int64 values and the raw input buffers; OUT receives the
 // raw output buffers (layout below; written by the test). Every buffer is allocated with exactly its size, so

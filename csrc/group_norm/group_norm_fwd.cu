@@ -2,8 +2,9 @@
 //
 // Algorithm: one pass over the tile loads each thread's chunk (v = x + pre_add, rounded to x.dtype as the
 // reference adds in x.dtype) and forms the exact two-pass mean/M2 of the chunk in registers; chunks merge
-// with Chan's formula. Group statistics then come from two rounds of per-group sums over all threads of the
-// tile (block shared memory, then the cluster's distributed shared memory when the tile spans K > 1 blocks):
+// with Chan's formula (on offsets from one element of the group: group_ref). Group statistics then come from two
+// rounds of per-group sums over all threads of the tile (block shared memory, then the cluster's distributed
+// shared memory when the tile spans K > 1 blocks):
 //   mean0 = sum(v) / count;  corr = sum(v - mean0) / count;  M2 = sum((v - mean0)^2) - count*corr^2
 // (the corrected two-pass algorithm: never E[x^2] - E[x]^2, and exact to fp32 rounding even when
 // |mean| >> std). The output folds the affine, scale and shift per channel:
@@ -64,7 +65,24 @@ __global__ void __launch_bounds__(kMaxThreads, 2) group_norm_fwd_kernel(const Fw
                  ? to_float<T>(static_cast<const T*>(a.add)[n * a.add_sn + (ln.c + e) * a.add_sc])
                  : 0.f;
 
-  float v[NV][VEC];
+  // Looping tiles (chunks > 1) take their pass-1 statistics on offsets v - ref from one element of their group,
+  // its first (x + pre_add at its first channel and pixel). Chan's merge combines per-chunk means, and near a large
+  // mean each is rounded to ulp(mean): at mean 1000 and std 1e-2 that error (6e-5) is a few percent of the
+  // differences between chunk means, and it made M2, rstd and y wrong by ~5e-5 relative (PyTorch on centred
+  // data: 1e-7). Offsets from an element of the group are exact (Sterbenz) and small. Register-resident tiles need
+  // no reference (group_ref = 0): their corrected two-pass sums see every value at once. ref is reloaded where it
+  // is needed (a cached load) rather than held in a register: the 16-bit vec-8 channels-last kernels are at the
+  // 64-register cap (ptxas, sm_90: 16 bytes of spill stores, 12 without the reference, 24 holding it).
+  auto group_ref = [&](int lg) {
+    if (t.chunks == 1 || lg < 0) return 0.f;
+    const int cf = c0 + lg * t.Cg;
+    const int64_t first = CL ? static_cast<int64_t>(n) * t.P * t.C + cf : (static_cast<int64_t>(n) * t.C + cf) * t.P;
+    float r = to_float<T>(x[first]);
+    if (a.add != nullptr)
+      r = round_to<T>(r + to_float<T>(static_cast<const T*>(a.add)[n * a.add_sn + cf * a.add_sc]));
+    return r;
+  };
+  float v[NV][VEC];  // x + pre_add (pass 1 of a looping tile: minus ref)
   auto load_chunk = [&](int ch) {
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
@@ -82,10 +100,18 @@ __global__ void __launch_bounds__(kMaxThreads, 2) group_norm_fwd_kernel(const Fw
     }
   };
 
-  // Pass 1: per-thread count, mean and M2 (exact within a chunk, Chan's merge across chunks).
+  // Pass 1: per-thread count, mean - ref and M2 (exact within a chunk, Chan's merge across chunks).
   float cnt = 0.f, mean = 0.f, m2 = 0.f;
   for (int ch = 0; ch < t.chunks; ++ch) {
     load_chunk(ch);
+    if (t.chunks > 1) {  // reloaded per chunk (cached) rather than kept live: registers are what limits occupancy
+      const float ref = group_ref(ln.lg);
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[j][e] -= ref;
+      }
+    }
     int nvalid = 0;
     float s = 0.f;
 #pragma unroll
@@ -115,7 +141,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) group_norm_fwd_kernel(const Fw
   // Group statistics over the tile's blocks, corrected two-pass: mean0 = sum / count first, then
   // corr = sum(v - mean0) / count recovers the rounding error of that sum (it matters in fp32 when
   // |mean| >> std) and M2 = sum (v - mean0)^2 - count * corr^2. Register-resident tiles form both sums from
-  // the values themselves; looping ones from each thread's (count, mean, M2).
+  // the values themselves; looping ones from each thread's (count, mean, M2). Means are offsets from ref.
   group_sums(cnt, cnt * mean, ln.lg, t.gpb, t.K, scratch);
   const int lg = ln.lg >= 0 ? ln.lg : 0;
   const float g_count = scratch.tot[0][lg];
@@ -150,12 +176,17 @@ __global__ void __launch_bounds__(kMaxThreads, 2) group_norm_fwd_kernel(const Fw
     const float corr = scratch.tot[1][threadIdx.x] / own_count;
     const float m2_own = fmaxf(scratch.tot[0][threadIdx.x] - own_count * corr * corr, 0.f);
     const int64_t i = static_cast<int64_t>(n) * t.G + g0 + threadIdx.x;
-    a.mean[i] = own_mean0 + corr;
+    a.mean[i] = group_ref(threadIdx.x) + (own_mean0 + corr);
     a.rstd[i] = rsqrtf(m2_own / own_count + a.eps);
   }
   if (ln.lg < 0) return;  // no barrier follows
 
-  // Pass 2: y = act((v - mean) * A + B) per channel.
+  // gm = ref + g_mean0 as one fp32 number and gm_lo, what that rounding dropped (TwoSum, exact): pass 2 centres on
+  // gm (v - gm is exact near the mean) and adds gm_lo to the correction. Resident (ref = 0): gm = g_mean0, gm_lo = 0.
+  const float ref = group_ref(ln.lg);
+  const float gm = ref + g_mean0, gm_b = gm - ref, gm_lo = (ref - (gm - gm_b)) + (g_mean0 - gm_b);
+
+  // Pass 2: y = act((v - gm) * A + B) per channel.
   float A[PC], B[PC];
 #pragma unroll
   for (int e = 0; e < PC; ++e) {
@@ -167,7 +198,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) group_norm_fwd_kernel(const Fw
       sh = to_float<T>(static_cast<const T*>(a.shift)[n * a.shift_sn + c * a.shift_sc]);
     }
     A[e] = g_rstd * w * s1;
-    B[e] = b * s1 + sh - g_corr * A[e];
+    B[e] = b * s1 + sh - (g_corr + gm_lo) * A[e];  // the mean is gm + g_corr + gm_lo
   }
   T* y = static_cast<T*>(a.y);
   for (int ch = 0; ch < t.chunks; ++ch) {
@@ -179,7 +210,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) group_norm_fwd_kernel(const Fw
       float out[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float u = (v[j][e] - g_mean0) * A[CL ? e : 0] + B[CL ? e : 0];
+        const float u = (v[j][e] - gm) * A[CL ? e : 0] + B[CL ? e : 0];
         out[e] = a.silu ? u * sigmoid<T>(u) : u;
       }
       store_vec<T, VEC>(y + ln.offset(p), out);

@@ -33,8 +33,23 @@ def _file_ext(fname):
 
 
 def _image_extensions():
+    """What a dataset may hold: any image Pillow reads, and .npy arrays (the VAE latents of
+    `dataset_tool.py encode`, as NVlabs edm2 reads them)."""
     PIL.Image.init()
-    return set(PIL.Image.EXTENSION)
+    return set(PIL.Image.EXTENSION) | {'.npy'}
+
+
+def decode_array(data, where):
+    """.npy bytes -> [C, H, W] numpy array (the stored array with its leading axes merged into C, as NVlabs)."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # ValueError, EOFError, OSError: anything that is not a plain .npy array
+        raise DatasetError(f'{where}: cannot read the array ({type(e).__name__}: {e}); the file is corrupt or not '
+                           f'a .npy array: re-create the dataset with dataset_tool.py encode') from e
+    if array.ndim < 2 or not np.issubdtype(array.dtype, np.number):
+        raise DatasetError(f'{where}: expected a numeric array [..., H, W], got {array.dtype} {list(array.shape)}; '
+                           f're-create the dataset with dataset_tool.py encode')
+    return array.reshape(-1, *array.shape[-2:])
 
 
 def decode_image(data, where):
@@ -65,7 +80,8 @@ def decode_image(data, where):
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images from a directory or an uncompressed zip, as NVlabs `ImageFolderDataset` (spec §7.2).
 
-    `dataset[i]` returns (image uint8 [C, H, W] numpy array, label float32 [label_dim]): a one-hot vector
+    `dataset[i]` returns (image uint8 [C, H, W] numpy array, or the stored array of a .npy file such as the
+    float32 [8, H/8, W/8] VAE latents of `dataset_tool.py encode`, label float32 [label_dim]): a one-hot vector
     for integer class labels, the stored vector for float labels, and an empty array without labels.
     Indices are over the max_size subset, doubled by xflip (second half mirrored along W).
 
@@ -200,7 +216,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             data = self._read_bytes(self._image_fnames[raw_idx])
         except (OSError, KeyError, zipfile.BadZipFile) as e:
             raise DatasetError(f'{where}: cannot read the file ({e}); check that the dataset is complete') from e
-        image = decode_image(data, where)
+        image = decode_array(data, where) if _file_ext(self._image_fnames[raw_idx]) == '.npy' else \
+            decode_image(data, where)
         if check_shape and list(image.shape) != self._raw_shape[1:]:
             c, h, w = image.shape
             c0, h0, w0 = self._raw_shape[1:]

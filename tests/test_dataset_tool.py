@@ -486,21 +486,61 @@ def test_encode_writes_the_latent_dataset_nvlabs_reads(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / 'mixed.zip')
 
 
-@pytest.mark.xfail(raises=DatasetError,
-                   reason='edm_fast.dataset.ImageFolderDataset reads only images, not the .npy latents of '
-                          'dataset_tool.py encode (NVlabs edm2 reads both); EDM2 latent training needs that change')
-def test_training_dataset_reads_encoded_latents(tmp_path):
-    import torch
+def _latent_dataset(tmp_path, n=3, size=16):
     from vae_standin import StandInVAE
     from edm_fast import encoders
-    _labelled_images(tmp_path / 'src')
+    _labelled_images(tmp_path / 'src', n=n, size=size)
     enc = encoders.StabilityVAEEncoder()
     enc._vae = StandInVAE()
     encode_dataset(str(tmp_path / 'src'), str(tmp_path / 'lat.zip'), encoder=enc, device='cpu', progress=False)
-    ds = ImageFolderDataset(str(tmp_path / 'lat.zip'), use_labels=True)
-    x, label = ds[0]
-    assert x.shape == (8, 2, 2) and x.dtype == np.float32 and len(ds) == 3 and ds.label_dim == 2
-    assert torch.is_tensor(torch.as_tensor(x))
+    return str(tmp_path / 'lat.zip')
+
+
+def test_training_dataset_reads_encoded_latents(tmp_path):
+    """ImageFolderDataset serves the .npy latents of encode as stored (x-flipped copies mirrored along W), with
+    their labels; a corrupt .npy is a DatasetError naming the file."""
+    path = _latent_dataset(tmp_path)
+    ds = ImageFolderDataset(path, use_labels=True, xflip=True)
+    assert len(ds) == 6 and ds.label_dim == 2 and ds.num_channels == 8 and ds.resolution == 2
+    with zipfile.ZipFile(path) as z:
+        names = sorted(n for n in z.namelist() if n.endswith('.npy'))
+        stored = [np.load(io.BytesIO(z.read(n))) for n in names]
+    for i in range(3):
+        x, label = ds[i]
+        assert x.dtype == np.float32 and np.array_equal(x, stored[i]) and label.shape == (2,)
+        assert np.array_equal(ds[i + 3][0], stored[i][:, :, ::-1])
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    np.save(bad / 'a.npy', stored[0])
+    (bad / 'b.npy').write_bytes(b'not an array')
+    with pytest.raises(DatasetError, match='b.npy'):
+        ImageFolderDataset(str(bad))[1]
+
+
+def test_edm2_training_runs_on_encoded_latents(tmp_path):
+    """An 8-channel latent dataset trains a 4-channel EDM2 net through StabilityVAEEncoder (chosen by the channel
+    count, as train_edm2.py does), and the snapshot carries that encoder."""
+    import torch
+    from edm_fast import checkpoint, encoders
+    from edm_fast import training_loop_edm2 as tl
+    path = _latent_dataset(tmp_path, n=4, size=32)
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    torch.manual_seed(0)
+    result = tl.training_loop(
+        run_dir=str(run_dir), dataset_kwargs=dict(class_name='ImageFolderDataset', path=path, use_labels=True),
+        data_loader_kwargs=dict(num_workers=0),
+        network_kwargs=dict(class_name='Precond', model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                            attn_resolutions=[], logvar_channels=8),
+        loss_kwargs=dict(class_name='EDM2Loss'), lr_kwargs=dict(func_name='learning_rate_schedule', ref_lr=1e-2,
+                                                                 ref_batches=16, rampup_Mimg=0.001),
+        ema_kwargs=dict(class_name='PowerFunctionEMA', stds=[0.05]), seed=1, batch_size=16, total_nimg=1024,
+        status_nimg=1024, snapshot_nimg=1024, checkpoint_nimg=None, device='cpu')
+    assert result['cur_nimg'] == 1024
+    snaps = sorted(p for p in os.listdir(run_dir) if p.startswith('network-snapshot'))
+    snap = checkpoint.load_snapshot(str(run_dir / snaps[-1]))
+    assert isinstance(snap['encoder'], encoders.StabilityVAEEncoder)
+    assert snap['ema'].img_channels == 4 and snap['ema'].img_resolution == 4 and snap['ema'].label_dim == 2
 
 
 def test_encode_without_the_vae_fails_clearly(tmp_path):

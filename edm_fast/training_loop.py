@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, training_state, util
+from .training_state import TrainingConfigError
 from .training_stats import Collector
 
 # ----------------------------------------------------------------------------------------------------
@@ -42,8 +43,111 @@ def construct(kwargs, **extra):
     kwargs = dict(kwargs)
     name = _short(kwargs.pop('class_name'))
     if name not in registry:
-        raise ValueError(f'unknown class_name {name!r} in the training config; expected one of {sorted(registry)}')
+        raise TrainingConfigError(f'unknown class_name {name!r} in the training config; expected one of '
+                                  f'{sorted(registry)}')
     return registry[name](**kwargs, **extra)
+
+
+def _named(label, value):
+    return f'{label}={value}' if label.startswith('--') else f'{label} = {value}'
+
+
+def split_batch(batch_size, batch_gpu, world, batch_label='--batch', batch_gpu_label='--batch-gpu'):
+    """(batch_gpu, accumulation rounds) for a total batch over `world` processes (NVlabs arithmetic, spec §5.3).
+
+    batch_gpu None (or 0) or above batch_size / world means no limit. Raises TrainingConfigError, naming the
+    options by the labels given, when the batch does not split into equal full rounds on every process.
+    """
+    def multiples(unit):
+        lower, upper = batch_size // unit * unit, (batch_size // unit + 1) * unit
+        return f'{lower} or {upper}' if lower > 0 else f'{upper}'
+
+    batch_gpu_total = batch_size // world
+    if batch_size % world != 0 or batch_gpu_total == 0:
+        raise TrainingConfigError(f'{_named(batch_label, batch_size)} must be a multiple of the number of processes '
+                                  f'({world}); use e.g. {multiples(world)}')
+    if not batch_gpu or batch_gpu > batch_gpu_total:
+        batch_gpu = batch_gpu_total
+    rounds = batch_gpu_total // batch_gpu
+    if batch_size != batch_gpu * rounds * world:
+        flag = batch_gpu_label.split('(')[-1].rstrip(')')
+        raise TrainingConfigError(
+            f'{_named(batch_label, batch_size)} is {batch_gpu_total} images per process ({world} process(es)), which '
+            f'{_named(batch_gpu_label, batch_gpu)} does not split into whole accumulation rounds; use a total batch '
+            f'that is a multiple of {batch_gpu * world} (e.g. {multiples(batch_gpu * world)}) or a {flag} that '
+            f'divides {batch_gpu_total}')
+    return batch_gpu, rounds
+
+
+def check_images(dataset_obj):
+    """Check that every image the dataset will serve has the size and channel count of its first image.
+
+    Reads only the headers (PIL opens lazily; .npy arrays, such as VAE latents, by their format header), so it
+    costs a file open per image, not a decode. Raises DatasetError naming the first misfit, how many there are,
+    and the fix. `dataset_obj` is an ImageFolderDataset; its x-flip copies and the images outside a max_size
+    subset are not read. Files whose header cannot say their shape are left to the decoder.
+    """
+    import zipfile
+
+    import PIL.Image
+
+    from .dataset import DatasetError
+    raw_shape = dataset_obj.raw_shape
+    c0, h0, w0 = raw_shape[1:]
+    names = dataset_obj._image_fnames
+    extensions = set(PIL.Image.registered_extensions())
+    bad = []
+
+    def npy_shape(f):
+        """(C, H, W) of a .npy array as the dataset reads it (leading axes merged into C), or None."""
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        shape = read(f)[0] if read is not None else ()
+        return (int(np.prod(shape[:-2])), shape[-2], shape[-1]) if len(shape) >= 2 else None
+
+    zip_file = dataset_obj._get_zipfile() if dataset_obj._type == 'zip' else None
+    try:
+        for raw_idx in np.unique(dataset_obj._raw_idx).tolist():
+            name = names[raw_idx]
+            ext = os.path.splitext(name)[1].lower()
+            if ext != '.npy' and ext not in extensions:
+                continue
+            where = dataset_obj._where(raw_idx)
+            try:
+                f = zip_file.open(name) if zip_file is not None else open(os.path.join(dataset_obj.path, name), 'rb')
+                with f:
+                    if ext == '.npy':
+                        shape = npy_shape(f)
+                        if shape is None:
+                            continue
+                        channels, h, w = shape
+                    else:
+                        with PIL.Image.open(f) as image:
+                            (w, h), mode = image.size, image.mode
+                        channels = {'L': 1, 'RGB': 3}.get(mode)
+                        if channels is None:
+                            raise DatasetError(
+                                f'{where}: image mode {mode!r} is not supported; datasets must hold 8-bit grayscale '
+                                f'(L) or RGB images: convert the source images with python dataset_tool.py '
+                                f'--source=... --dest=...')
+            except (OSError, KeyError, zipfile.BadZipFile, SyntaxError, ValueError) as e:
+                if isinstance(e, DatasetError):
+                    raise
+                raise DatasetError(f'{where}: cannot read the header ({type(e).__name__}: {e}); the file is corrupt or '
+                                   f'not an image: replace or remove it, or re-create the dataset with '
+                                   f'dataset_tool.py') from e
+            if (channels, h, w) != (c0, h0, w0):
+                bad.append((where, w, h, channels, ext))
+    finally:
+        if zip_file is not None:
+            dataset_obj._close_zipfile()
+    if bad:
+        where, w, h, c, ext = bad[0]
+        fix = 're-create the dataset with python dataset_tool.py encode' if ext == '.npy' else \
+            f'convert the source images with python dataset_tool.py --source=... --dest=... --resolution={w0}x{h0}'
+        raise DatasetError(f'{where}: image is {w}x{h} with {c} channel(s), but {names[0]} is {w0}x{h0} with {c0} '
+                           f'({len(bad)} of {len(np.unique(dataset_obj._raw_idx))} images differ); all images must '
+                           f'match: {fix}')
 
 # ----------------------------------------------------------------------------------------------------
 # Distributed helpers.
@@ -246,12 +350,7 @@ def training_loop(
 
     # Batch size per process and accumulation rounds.
     batch_gpu_total = batch_size // world
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    num_accumulation_rounds = batch_gpu_total // batch_gpu
-    if batch_size != batch_gpu * num_accumulation_rounds * world:
-        raise ValueError(f'--batch={batch_size} must equal --batch-gpu ({batch_gpu}) x accumulation rounds '
-                         f'({num_accumulation_rounds}) x processes ({world}); choose sizes that divide evenly')
+    batch_gpu, num_accumulation_rounds = split_batch(batch_size, batch_gpu, world)
 
     # Resume state first: it decides where the data stream continues.
     state = None
@@ -375,7 +474,7 @@ def training_loop(
             # Status line.
             tick_end_time = time.time()
             total_s = tick_end_time - start_time + elapsed_before
-            fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.3f}', f'time {util.format_time(total_s):<12s}',
+            fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.1f}', f'time {util.format_time(total_s):<12s}',
                       f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
                       f'sec/kimg {(tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3:<7.2f}',
                       f'maintenance {maintenance_time:<6.1f}', f'cpumem {_cpu_mem_gb():<6.2f}']
@@ -386,8 +485,6 @@ def training_loop(
             stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3, rank)
             stats.report0('Timing/maintenance_sec', maintenance_time, rank)
             fields += _report_memory(stats, device, rank)
-            if augment_pipe is not None:
-                fields.append(f'augment {augment_pipe.p:g}')
             if rank == 0:
                 print(' '.join(fields), flush=True)
 

@@ -24,6 +24,7 @@ channels_last, compile, backend (see the signature for meanings and defaults).
 import contextlib
 import copy
 import json
+import math
 import os
 import re
 import time
@@ -33,7 +34,9 @@ import numpy as np
 import torch
 
 from . import checkpoint, training_state, util
-from .training_loop import StopVote, _cpu_mem_gb, _rank_world, _report_memory, _short, _StopFlag, check_ddp_consistency
+from .training_loop import (StopVote, _cpu_mem_gb, _rank_world, _report_memory, _short, _StopFlag,
+                            check_ddp_consistency, split_batch)
+from .training_state import TrainingConfigError
 from .training_stats import Collector
 
 STATE_FORMAT = 'edm_fast.training_state_edm2'
@@ -55,14 +58,14 @@ def parse_nimg(value, what='size'):
         return None
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         if value < 0:
-            raise ValueError(f'{what}={value} must not be negative')
+            raise TrainingConfigError(f'{what}={value} must not be negative')
         return int(value)
     if isinstance(value, float) and value.is_integer() and value >= 0:
         return int(value)
     m = re.fullmatch(r'\s*(\d+)\s*(Ki|Mi|Gi)?\s*', str(value))
     if m is None:
-        raise ValueError(f'{what}={value!r} is not an image count; use an integer with an optional Ki, Mi or Gi '
-                         f'suffix, e.g. 128Ki, 8Mi or 2Gi')
+        raise TrainingConfigError(f'{what}={value!r} is not an image count; use an integer with an optional Ki, Mi '
+                                  f'or Gi suffix, e.g. 128Ki, 8Mi or 2Gi')
     return int(m.group(1)) * _SUFFIXES.get(m.group(2), 1)
 
 
@@ -86,10 +89,11 @@ def construct(kwargs, **extra):
     }
     kwargs = dict(kwargs)
     if 'class_name' not in kwargs:
-        raise ValueError(f'training config entry {kwargs!r} has no class_name')
+        raise TrainingConfigError(f'training config entry {kwargs!r} has no class_name')
     name = _short(kwargs.pop('class_name'))
     if name not in registry:
-        raise ValueError(f'unknown class_name {name!r} in the EDM2 training config; expected one of {sorted(registry)}')
+        raise TrainingConfigError(f'unknown class_name {name!r} in the EDM2 training config; expected one of '
+                                  f'{sorted(registry)}')
     return registry[name](**kwargs, **extra)
 
 
@@ -98,7 +102,7 @@ def _lr_function(lr_kwargs):
     kwargs = dict(lr_kwargs)
     name = _short(kwargs.pop('func_name', 'learning_rate_schedule'))
     if name != 'learning_rate_schedule':
-        raise ValueError(f'unknown lr_kwargs func_name {name!r}; expected learning_rate_schedule')
+        raise TrainingConfigError(f'unknown lr_kwargs func_name {name!r}; expected learning_rate_schedule')
     return loss_edm2.learning_rate_schedule, kwargs
 
 
@@ -139,21 +143,96 @@ def save_state(run_dir, *, rank, net, optimizer, ema, cur_nimg, total_elapsed_ti
     return path
 
 
-def load_state(path):
-    """Read an EDM2 training state written by save_state (weights_only: no code runs)."""
+def load_state(path, mmap=False):
+    """Read an EDM2 training state written by save_state (weights_only: no code runs).
+
+    mmap=True maps the tensors instead of reading them (cheap when only the plain values are needed).
+    Raises TrainingConfigError for a file that is not such a state.
+    """
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:
-        raise ValueError(f'cannot resume from {path}: it is not an edm_fast EDM2 training state ({e}). Move it out '
-                         f'of the run directory or start a new one') from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingConfigError(f'cannot resume from {path}: it is not an edm_fast EDM2 training state ({first}). '
+                                  f'Move it out of the run directory or start a new one') from e
     if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
         fmt = state.get('format') if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f'cannot resume from {path}: it is a {fmt!r} file, not an edm_fast EDM2 training state. '
-                         f'Move it out of the run directory or start a new one')
+        raise TrainingConfigError(f'cannot resume from {path}: it is a {fmt!r} file, not an edm_fast EDM2 training '
+                                  f'state. Move it out of the run directory or start a new one')
     if state.get('version') != STATE_VERSION:
-        raise ValueError(f'cannot resume from {path}: training-state version {state.get("version")}; this edm_fast '
-                         f'reads version {STATE_VERSION}')
+        raise TrainingConfigError(f'cannot resume from {path}: training-state version {state.get("version")}; this '
+                                  f'edm_fast reads version {STATE_VERSION}')
     return state
+
+
+def check_resume(state, path, *, batch_size, network_kwargs, tracks_ema):
+    """Raise TrainingConfigError unless the state at `path` can continue a run with these options (tracks_ema:
+    whether the run keeps an EMA, i.e. its ema_kwargs are not False)."""
+    if state['batch_size'] != batch_size:
+        raise TrainingConfigError(
+            f'{path} was written with batch_size (--batch) = {state["batch_size"]}, this run uses {batch_size}: the '
+            f'schedules and data position would not continue; use --batch={state["batch_size"]} or a new run '
+            f'directory')
+    saved = json.loads(state['network_kwargs_json'])
+    current = util.to_jsonable(network_kwargs)
+    if saved != json.loads(json.dumps(current, sort_keys=True)):
+        raise TrainingConfigError(
+            f'{path} was written for a different network ({training_state.describe_differences(saved, current)}); '
+            f'resume with the options the run was started with (its training_options.json lists them) or use a new '
+            f'run directory')
+    if tracks_ema and state['ema'] is None:
+        raise TrainingConfigError(f'{path} holds no EMA, but this run tracks one; resume with the same ema_kwargs or '
+                                  f'use a new run directory')
+
+
+def default_encoder_kwargs(channels):
+    """The encoder for a dataset of `channels`-channel images (NVlabs train_edm2.py): pixels (1 or 3 channels)
+    or VAE latents (8 channels: mean and std). TrainingConfigError otherwise."""
+    if channels in (1, 3):
+        return dict(class_name='StandardRGBEncoder')
+    if channels == 8:
+        return dict(class_name='StabilityVAEEncoder')
+    raise TrainingConfigError(f'the dataset has {channels}-channel images; EDM2 trains on RGB (3) or grayscale (1) '
+                              f'pixels, or on 8-channel VAE latents (dataset_tool.py encode); convert the dataset or '
+                              f'give encoder_kwargs explicitly')
+
+
+def check_sizes(*, batch_size, batch_gpu, world, total_nimg, slice_nimg=None, status_nimg=None, snapshot_nimg=None,
+                checkpoint_nimg=None):
+    """Parse and check the image counts of a run (see training_loop); raises TrainingConfigError naming the option.
+
+    Returns dict(batch_size, batch_gpu, num_accumulation_rounds, total_nimg, slice_nimg, status_nimg, snapshot_nimg,
+    checkpoint_nimg): counts as ints, 0 or None = disabled for slice/status/snapshot/checkpoint (as NVlabs).
+    """
+    batch_size = parse_nimg(batch_size, 'batch_size (--batch)')
+    batch_gpu = parse_nimg(batch_gpu, 'batch_gpu (--batch-gpu)') or None
+    total_nimg = parse_nimg(total_nimg, 'total_nimg (--duration)')
+    slice_nimg = parse_nimg(slice_nimg, 'slice_nimg (--slice)') or None
+    status_nimg = parse_nimg(status_nimg, 'status_nimg (--status)') or None
+    snapshot_nimg = parse_nimg(snapshot_nimg, 'snapshot_nimg (--snapshot)') or None
+    checkpoint_nimg = parse_nimg(checkpoint_nimg, 'checkpoint_nimg (--checkpoint)') or None
+    if batch_size <= 0 or batch_size % world != 0:
+        raise TrainingConfigError(f'batch_size (--batch) = {batch_size} must be a positive multiple of the number of '
+                                  f'processes ({world}); use e.g. --batch={max(batch_size // world, 1) * world}')
+    batch_gpu, rounds = split_batch(batch_size, batch_gpu, world, 'batch_size (--batch)', 'batch_gpu (--batch-gpu)')
+    intervals = (('total_nimg', total_nimg, '--duration', 1), ('slice_nimg', slice_nimg, '--slice', 1),
+                 ('status_nimg', status_nimg, '--status', 1), ('snapshot_nimg', snapshot_nimg, '--snapshot', 1024),
+                 ('checkpoint_nimg', checkpoint_nimg, '--checkpoint', 1024))
+    for name, value, flag, align in intervals:
+        if value is None:
+            continue
+        if value <= 0 or value % batch_size != 0 or value % align != 0:
+            need = f'a positive multiple of the batch size ({batch_size})'
+            if align > 1:
+                need += ' and of 1024 (so the kimg in file names is unique and invertible)'
+            unit = math.lcm(batch_size, align)
+            hint = f'use a multiple of {format_nimg(unit)} such as {format_nimg(max(value // unit, 1) * unit)}'
+            if name not in ('total_nimg', 'slice_nimg'):
+                hint += ', or 0 to disable'
+            raise TrainingConfigError(f'{name} ({flag}) = {value} must be {need}; {hint}')
+    return dict(batch_size=batch_size, batch_gpu=batch_gpu, num_accumulation_rounds=rounds, total_nimg=total_nimg,
+                slice_nimg=slice_nimg, status_nimg=status_nimg, snapshot_nimg=snapshot_nimg,
+                checkpoint_nimg=checkpoint_nimg)
 
 # ----------------------------------------------------------------------------------------------------
 
@@ -183,10 +262,10 @@ def training_loop(
     batch_size=2048,              # Total batch size for one training iteration.
     batch_gpu=None,               # Limit batch size per GPU (gradient accumulation); None = no limit.
     total_nimg=8 << 30,           # Train for a total of this many images (Ki/Mi/Gi strings accepted).
-    slice_nimg=None,              # Stop this invocation after at most this many images; None = no limit.
-    status_nimg=128 << 10,        # Status line + stats.jsonl every N images; None = disable.
-    snapshot_nimg=8 << 20,        # Network snapshots every N images; None = disable.
-    checkpoint_nimg=128 << 20,    # Training states every N images; None = disable.
+    slice_nimg=None,              # Stop this invocation after at most this many images; None or 0 = no limit.
+    status_nimg=128 << 10,        # Status line + stats.jsonl every N images; None or 0 = disable.
+    snapshot_nimg=8 << 20,        # Network snapshots every N images; None or 0 = disable.
+    checkpoint_nimg=128 << 20,    # Training states every N images; None or 0 = disable.
     loss_scaling=1,               # Loss scaling factor for reducing FP16 under/overflows (never undone).
     force_finite=True,            # Replace NaN/Inf gradients by 0 before the optimizer step.
     cudnn_benchmark=True,         # torch.backends.cudnn.benchmark.
@@ -217,34 +296,14 @@ def training_loop(
     ema_kwargs = dict(ema_kwargs) if ema_kwargs else None
 
     # Sizes.
-    batch_size = parse_nimg(batch_size, 'batch_size (--batch)')
-    total_nimg = parse_nimg(total_nimg, 'total_nimg (--duration)')
-    slice_nimg = parse_nimg(slice_nimg, 'slice_nimg (--slice)')
-    status_nimg = parse_nimg(status_nimg, 'status_nimg (--status)')
-    snapshot_nimg = parse_nimg(snapshot_nimg, 'snapshot_nimg (--snapshot)')
-    checkpoint_nimg = parse_nimg(checkpoint_nimg, 'checkpoint_nimg (--checkpoint)')
-    if batch_size <= 0 or batch_size % world != 0:
-        raise ValueError(f'batch_size (--batch) = {batch_size} must be a positive multiple of the number of processes '
-                         f'({world})')
+    sizes = check_sizes(batch_size=batch_size, batch_gpu=batch_gpu, world=world, total_nimg=total_nimg,
+                        slice_nimg=slice_nimg, status_nimg=status_nimg, snapshot_nimg=snapshot_nimg,
+                        checkpoint_nimg=checkpoint_nimg)
+    batch_size, batch_gpu, num_accumulation_rounds = (sizes['batch_size'], sizes['batch_gpu'],
+                                                      sizes['num_accumulation_rounds'])
+    total_nimg, slice_nimg, status_nimg = sizes['total_nimg'], sizes['slice_nimg'], sizes['status_nimg']
+    snapshot_nimg, checkpoint_nimg = sizes['snapshot_nimg'], sizes['checkpoint_nimg']
     batch_gpu_total = batch_size // world
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    num_accumulation_rounds = batch_gpu_total // batch_gpu
-    if batch_size != batch_gpu * num_accumulation_rounds * world:
-        raise ValueError(f'batch_size (--batch) = {batch_size} must equal batch_gpu (--batch-gpu) = {batch_gpu} x '
-                         f'accumulation rounds ({num_accumulation_rounds}) x processes ({world}); choose sizes that '
-                         f'divide evenly')
-    intervals = (('total_nimg', total_nimg, '--duration', 1), ('slice_nimg', slice_nimg, '--slice', 1),
-                 ('status_nimg', status_nimg, '--status', 1), ('snapshot_nimg', snapshot_nimg, '--snapshot', 1024),
-                 ('checkpoint_nimg', checkpoint_nimg, '--checkpoint', 1024))
-    for name, value, flag, align in intervals:
-        if value is None:
-            continue
-        if value <= 0 or value % batch_size != 0 or value % align != 0:
-            need = f'a positive multiple of the batch size ({batch_size})'
-            if align > 1:
-                need += ' and of 1024 (so the kimg in file names is unique and invertible)'
-            raise ValueError(f'{name} ({flag}) = {value} must be {need}')
 
     set_random_seed(seed, rank)
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -259,14 +318,7 @@ def training_loop(
     dataset_obj = construct(dataset_kwargs)
     ref_image, _ref_label = dataset_obj[0]
     if encoder_kwargs is None:
-        channels = ref_image.shape[0]
-        if channels in (1, 3):
-            encoder_kwargs = dict(class_name='StandardRGBEncoder')
-        elif channels == 8:
-            encoder_kwargs = dict(class_name='StabilityVAEEncoder')
-        else:
-            raise ValueError(f'the dataset has {channels}-channel images; EDM2 trains on RGB (3) or grayscale (1) '
-                             f'pixels, or on 8-channel VAE latents; give encoder_kwargs explicitly otherwise')
+        encoder_kwargs = default_encoder_kwargs(ref_image.shape[0])
     encoder = construct(encoder_kwargs)
     ref_latent = encoder.encode_latents(torch.as_tensor(np.asarray(ref_image)).to(device).unsqueeze(0))
     interface_kwargs = dict(img_resolution=ref_latent.shape[-1], img_channels=ref_latent.shape[1],
@@ -280,7 +332,7 @@ def training_loop(
     if precision is not None:
         dtypes = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
         if precision not in dtypes:
-            raise ValueError(f'precision={precision!r}; expected None, fp32, fp16 or bf16')
+            raise TrainingConfigError(f'precision={precision!r}; expected None, fp32, fp16 or bf16')
         net.set_compute_dtype(dtypes[precision])
     if rank == 0:
         with torch.no_grad():
@@ -308,15 +360,8 @@ def training_loop(
         if rank == 0:
             print(f'Resuming from "{resume_path}"...')
         state = load_state(resume_path)
-        if state['batch_size'] != batch_size:
-            raise ValueError(f'{resume_path} was written with batch_size (--batch) = {state["batch_size"]}, this run '
-                             f'uses {batch_size}: the schedules and data position would not continue; use the same '
-                             f'batch size or a new run directory')
-        saved = json.loads(state['network_kwargs_json'])
-        if saved != json.loads(json.dumps(util.to_jsonable(network_kwargs), sort_keys=True)):
-            diff = sorted(k for k in set(saved) | set(network_kwargs) if saved.get(k) != network_kwargs.get(k))
-            raise ValueError(f'{resume_path} was written for a different network (options differing: '
-                             f'{", ".join(diff)}); resume with the original options or use a new run directory')
+        check_resume(state, resume_path, batch_size=batch_size, network_kwargs=network_kwargs,
+                     tracks_ema=ema_kwargs is not None)
         if state['world'] != world:
             warnings.warn(f'{resume_path} was written by {state["world"]} processes and is resumed by {world}: '
                           f'training continues, but the data split and random streams differ from an '
@@ -324,9 +369,6 @@ def training_loop(
         net.load_state_dict(state['net'], strict=True)
         optimizer.load_state_dict(state['optimizer'])
         if ema is not None:
-            if state['ema'] is None:
-                raise ValueError(f'{resume_path} holds no EMA, but this run tracks one; resume with the same '
-                                 f'ema_kwargs')
             ema.load_state_dict(state['ema'])
         cur_nimg, total_elapsed_time = state['cur_nimg'], state['total_elapsed_time']
         del state

@@ -18,6 +18,15 @@ import torch
 
 from .util import atomic_write
 
+
+class TrainingConfigError(ValueError):
+    """A training option is invalid, or does not fit the data or the run being resumed or transferred from.
+
+    The message names the option and what to do; train.py shows it as a one-line error. A ValueError, so code
+    that caught the plain ValueErrors raised before keeps working.
+    """
+
+
 FORMAT = 'edm_fast.training_state'
 VERSION = 1
 _NAME = re.compile(r'training-state-(\d+)\.pt$')
@@ -95,31 +104,56 @@ def probe(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'training state {path!r} does not exist')
     if os.path.getsize(path) == 0:
-        raise ValueError(f'training state {path!r} is empty (an interrupted write?); resume from an earlier state')
+        raise TrainingConfigError(f'training state {path!r} is empty (an interrupted write?); resume from an earlier '
+                                  f'state')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # NVlabs states hold pickled modules, which weights_only refuses
         if 'weights_only' in str(e) or 'Unsupported global' in str(e) or 'GLOBAL' in str(e):
             return 'nvlabs', None
-        raise ValueError(f'cannot read training state {path!r}: {e}') from e
+        raise TrainingConfigError(f'cannot read training state {path!r}: {_first_line(e)}; it is truncated or not a '
+                                  f'training state, resume from another one') from e
     if not isinstance(state, dict) or state.get('format') != FORMAT:
-        raise ValueError(f'{path!r} is not an edm_fast or NVlabs training state')
+        raise TrainingConfigError(f'{path!r} is not an edm_fast or NVlabs training state; resume from a '
+                                  f'training-state-*.pt written by train.py')
     if state.get('version') != VERSION:
-        raise ValueError(f'{path!r} has training-state version {state.get("version")}; this edm_fast reads {VERSION}')
+        raise TrainingConfigError(f'{path!r} has training-state version {state.get("version")}; this edm_fast reads '
+                                  f'{VERSION}')
     return 'edm_fast', state
 
 
-def check_compatible(state, *, batch_size, world, network_kwargs, path='the training state'):
-    """Refuse resumes that cannot continue the same run; warn when exactness is lost (other world size)."""
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def describe_differences(saved, current):
+    """'key: <saved> in the state, <current> now; ...' for the keys whose values differ (JSON-normalised)."""
+    current = json.loads(json.dumps(current, sort_keys=True))
+    missing = object()
+    parts = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, missing), current.get(key, missing)
+        if a != b:
+            parts.append(f'{key}: {"unset" if a is missing else json.dumps(a)} in the state, '
+                         f'{"unset" if b is missing else json.dumps(b)} now')
+    return '; '.join(parts)
+
+
+def check_compatible(state, *, batch_size, world, network_kwargs, path='the training state', warn=True):
+    """Refuse resumes that cannot continue the same run (TrainingConfigError); warn when exactness is lost (other
+    world size) unless warn=False."""
     if state['batch_size'] != batch_size:
-        raise ValueError(f'{path} was written with --batch={state["batch_size"]}, this run uses --batch={batch_size}: '
-                         f'the learning-rate/EMA schedule and data position would not continue; use the same --batch')
+        raise TrainingConfigError(
+            f'{path} was written with --batch={state["batch_size"]}, this run uses --batch={batch_size}: the '
+            f'learning-rate/EMA schedule and data position would not continue; resume with '
+            f'--batch={state["batch_size"]}')
     saved = json.loads(state['network_kwargs_json'])
     if saved != json.loads(json.dumps(network_kwargs, sort_keys=True)):
-        diff = sorted(k for k in set(saved) | set(network_kwargs) if saved.get(k) != network_kwargs.get(k))
-        raise ValueError(f'{path} was written for a different network (options differing: {", ".join(diff)}); '
-                         f'resume with the original options')
-    if state['world'] != world:
+        raise TrainingConfigError(
+            f'{path} was written for a different network ({describe_differences(saved, network_kwargs)}); resume '
+            f'with the options the run was started with (its training_options.json lists them)')
+    if warn and state['world'] != world:
         warnings.warn(f'{path} was written by {state["world"]} processes and is resumed by {world}: training continues, '
                       f'but the per-rank random streams cannot be restored, so it is no longer bit-exact')
 
@@ -132,13 +166,47 @@ def restore(state, *, net, ema, optimizer, rank, device):
         _set_rng_state(state['rng'][rank], device)
 
 
+def _named_tensors(module):
+    """name -> tensor over parameters and buffers; a dict (a state dict) is taken as it is."""
+    if isinstance(module, dict):
+        return dict(module)
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    return tensors
+
+
+def check_source_fits(src, dst, require_all=False, what='the source network', fix='use a network of the same '
+                      'architecture and size'):
+    """Raise TrainingConfigError unless copy_params_and_buffers(src, dst, require_all) would copy cleanly.
+
+    Tensors are matched by name; a matched pair must have the same shape (never broadcast), at least one name must
+    match, and with require_all every tensor of dst must be in src. src and dst are modules or state dicts; dst may
+    live on the meta device.
+    """
+    src_tensors, dst_tensors = _named_tensors(src), _named_tensors(dst)
+    matched = [name for name in dst_tensors if name in src_tensors]
+    wrong = [name for name in matched if tuple(src_tensors[name].shape) != tuple(dst_tensors[name].shape)]
+    if wrong:
+        name = wrong[0]
+        raise TrainingConfigError(
+            f'{what} does not fit this run\'s network: {len(wrong)} tensor(s) differ in shape, e.g. {name} is '
+            f'{list(src_tensors[name].shape)} there but {list(dst_tensors[name].shape)} here; {fix}')
+    missing = [name for name in dst_tensors if name not in src_tensors]
+    if not matched or (require_all and missing):
+        example = f', e.g. {missing[0]}' if missing else ''
+        raise TrainingConfigError(
+            f'{what} does not fit this run\'s network: {len(missing)} of its {len(dst_tensors)} tensors are missing '
+            f'there{example}; {fix}')
+
+
 @torch.no_grad()
 def copy_params_and_buffers(src, dst, require_all=False):
-    """Copy tensors from src to dst by name (parameters and buffers); names missing in src are left alone."""
-    src_tensors = dict(src.named_parameters())
-    src_tensors.update(src.named_buffers())
-    for name, tensor in list(dst.named_parameters()) + list(dst.named_buffers()):
+    """Copy tensors from src to dst by name (parameters and buffers); names missing in src are left alone.
+
+    Raises TrainingConfigError (see check_source_fits) instead of copying tensors of another shape.
+    """
+    check_source_fits(src, dst, require_all=require_all)
+    src_tensors = _named_tensors(src)
+    for name, tensor in _named_tensors(dst).items():
         if name in src_tensors:
             tensor.copy_(src_tensors[name].detach())
-        elif require_all:
-            raise ValueError(f'{name} is missing from the source network')

@@ -37,7 +37,7 @@ def test_edm2_dry_run_and_option_errors(data, tmp_path):
 
 def test_edm2_train_reconstruct_and_sample(data, tmp_path):
     run = tmp_path / 'run'
-    r = cli('train.py', '--preset=edm2-img32-xs', f'--outdir={run}', f'--data={data}', '--channels=16', '--batch=32',
+    r = cli('train.py', '--preset=edm2-img32-xs', f'--outdir={run}', f'--data={data}', '--channels=64', '--batch=32',
             '--duration=2Ki', '--status=256', '--snapshot=1Ki', '--checkpoint=1Ki', '--fp16=0', '--workers=0',
             '--device=cpu')
     assert r.returncode == 0, r.stderr[-3000:]

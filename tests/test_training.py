@@ -4,6 +4,7 @@ import collections
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,6 +256,11 @@ def test_torchrun_two_processes_kill_and_exact_resume(data, tmp_path):
     assert [f for f in files if f.startswith('training-state-')] == ['training-state-000000.pt', 'training-state-000001.pt']
     log = open(os.path.join(ref_dir, 'log.txt')).read()
     assert 'Training for 1 kimg' in log and 'tick 62' in log and 'Exiting' in log
+    # The status line of spec §5.5: kimg as <9.1f, no field beyond the table's (no 'augment', although augmenting).
+    status = [line for line in log.splitlines() if line.startswith('tick ')]
+    assert re.fullmatch(r'tick 62    kimg 1\.0       time \S.* sec/tick [\d.]+ +sec/kimg [\d.]+ +maintenance [\d.]+ +'
+                        r'cpumem [\d.]+ *', status[-1]), status[-1]
+    assert not any('augment' in line for line in status)
     json.load(open(os.path.join(ref_dir, 'training_options.json')))
 
     # Same run, killed (SIGKILL to torchrun and its workers) once a state dump exists past tick 8.

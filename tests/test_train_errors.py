@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from test_training import ENV, REPO, make_dataset, torchrun, train_args
 
 sys.path.insert(0, REPO)
-import train as train_cli  # noqa: E402
+import train as train_cli  # noqa: E402  (the script; its command is edm_fast.train_cli.main)
 
 from edm_fast import dataset_tool, presets, training_loop, training_loop_edm2, training_state  # noqa: E402
 

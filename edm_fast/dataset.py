@@ -264,6 +264,69 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         values = [labels[f] for f in image_names]
         return _labels_to_array(values, image_names, where)
 
+    def check_shapes(self):
+        """Check that every image the dataset serves has the size and channel count of its first image.
+
+        Reads only the headers (PIL opens lazily; .npy arrays by their format header), so it costs a file open
+        per image, not a decode. Raises DatasetError naming the first misfit, how many there are, and the fix.
+        The x-flip copies and the images outside a max_size subset are not read; files whose header cannot say
+        their shape are left to the decoder.
+        """
+        c0, h0, w0 = self.raw_shape[1:]
+        names = self._image_fnames
+        extensions = set(PIL.Image.registered_extensions())
+        bad = []
+
+        def npy_shape(f):
+            """(C, H, W) of a .npy array as the dataset reads it (leading axes merged into C), or None."""
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            shape = read(f)[0] if read is not None else ()
+            return (int(np.prod(shape[:-2])), shape[-2], shape[-1]) if len(shape) >= 2 else None
+
+        zip_file = self._get_zipfile() if self._type == 'zip' else None
+        try:
+            for raw_idx in np.unique(self._raw_idx).tolist():
+                name = names[raw_idx]
+                ext = os.path.splitext(name)[1].lower()
+                if ext != '.npy' and ext not in extensions:
+                    continue
+                where = self._where(raw_idx)
+                try:
+                    f = zip_file.open(name) if zip_file is not None else open(os.path.join(self.path, name), 'rb')
+                    with f:
+                        if ext == '.npy':
+                            shape = npy_shape(f)
+                            if shape is None:
+                                continue
+                            channels, h, w = shape
+                        else:
+                            with PIL.Image.open(f) as image:
+                                (w, h), mode = image.size, image.mode
+                            channels = {'L': 1, 'RGB': 3}.get(mode)
+                            if channels is None:
+                                raise DatasetError(f'{where}: image mode {mode!r} is not supported; datasets '
+                                                   f'must hold 8-bit grayscale (L) or RGB images: {_CONVERT_HINT}')
+                except (OSError, KeyError, zipfile.BadZipFile, SyntaxError, ValueError) as e:
+                    if isinstance(e, DatasetError):
+                        raise
+                    raise DatasetError(f'{where}: cannot read the header ({type(e).__name__}: {e}); the file is '
+                                       f'corrupt or not an image: replace or remove it, or re-create the dataset '
+                                       f'with dataset_tool.py') from e
+                if (channels, h, w) != (c0, h0, w0):
+                    bad.append((where, w, h, channels, ext))
+        finally:
+            if zip_file is not None:
+                self._close_zipfile()
+        if bad:
+            where, w, h, c, ext = bad[0]
+            fix = 're-create the dataset with python dataset_tool.py encode' if ext == '.npy' else \
+                f'{_CONVERT_HINT} --resolution={w0}x{h0}'
+            raise DatasetError(f'{where}: image is {w}x{h} with {c} channel(s), but {names[0]} is {w0}x{h0} with '
+                               f'{c0} ({len(bad)} of {len(np.unique(self._raw_idx))} images differ); all images '
+                               f'must match: {fix}')
+
     def get_label(self, idx):
         """float32 [label_dim]: one-hot for class labels, the stored vector otherwise, [0] without labels."""
         label = self._raw_labels[self._raw_idx[idx]]

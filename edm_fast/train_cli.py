@@ -6,8 +6,8 @@ group; train.py at the top level runs `main`.
 
 It builds the config dict (written as training_options.json), checks it, and calls
 edm_fast.training_loop.training_loop(**config) (EDM2: edm_fast.training_loop_edm2). Snapshots are edm_fast files
-(sample.py --network reads them); --resume takes an edm_fast training state or run directory (continuing it in place, bit-exactly) or an NVlabs
-training-state-*.pt; --transfer takes an NVlabs pickle or an edm_fast snapshot.
+(sample.py --network reads them); --resume takes an edm_fast training state or run directory (continuing it in
+place, bit-exactly) or an NVlabs training-state-*.pt; --transfer takes an NVlabs pickle or an edm_fast snapshot.
 
 Mistakes a user can make (options that do not fit together or do not fit the data, a missing or foreign
 --transfer/--resume file, a dataset whose images differ in size, an --outdir that is a file) are found before
@@ -327,8 +327,7 @@ def setup_edm2(c, rank, world, scan_images=True):
                                f'or label the images with dataset_tool.py')
         c['encoder_kwargs'] = training_loop_edm2.default_encoder_kwargs(dataset_obj.num_channels)
         if rank == 0 and scan_images:
-            from .training_loop import check_images
-            check_images(dataset_obj)
+            dataset_obj.check_shapes()
     except (DatasetError, TrainingConfigError) as e:
         raise click.ClickException(f'--data: {one_line(e)}') from None
     finally:
@@ -410,7 +409,7 @@ def setup_edm(opts, rank, world):
     """Build the EDM config and check it (world size, --resume/--transfer files, output directory, the data) before
     anything is written. Returns (config without seed, performance options, continue_dir or None, dtype name)."""
     from . import checkpoint
-    from .training_loop import check_images, split_batch
+    from .training_loop import split_batch
     c, perf, dataset_name, dataset_obj = build_config(opts, world)
     split_batch(c['batch_size'], c['batch_gpu'], world)
 
@@ -502,7 +501,7 @@ def setup_edm(opts, rank, world):
     # Every image must have the size of the first (header reads only; skipped by a dry run).
     if rank == 0 and not opts['dry_run']:
         try:
-            check_images(dataset_obj)
+            dataset_obj.check_shapes()
         except DatasetError as e:
             raise click.ClickException(f'--data: {one_line(e)}') from None
     dataset_obj.close()

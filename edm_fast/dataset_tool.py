@@ -451,6 +451,14 @@ class _Destination:
             with open(path, 'wb') as f:
                 f.write(data)
 
+    def finish(self, labels):
+        """Write dataset.json (labels: [fname, label] per file, or None entries when unlabelled) and commit.
+        Returns whether every file has a label."""
+        labelled = all(x is not None for x in labels)
+        self.write('dataset.json', json.dumps({'labels': labels if labelled else None}))
+        self.commit()
+        return labelled
+
     def commit(self):
         umask = os.umask(0)
         os.umask(umask)
@@ -544,9 +552,7 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
         if attrs is None:
             raise DatasetToolError(f'{source}: every image was skipped by --transform={transform} (narrower than '
                                    f'the target width or too short after cropping); choose a smaller --resolution')
-        labelled = all(x is not None for x in labels)
-        out.write('dataset.json', json.dumps({'labels': labels if labelled else None}))
-        out.commit()
+        labelled = out.finish(labels)
     except BaseException:
         out.abort()
         raise
@@ -641,9 +647,7 @@ def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_imag
                 batch = []
         if batch:
             flush(batch)
-        labelled = all(x is not None for x in labels)
-        out.write('dataset.json', json.dumps({'labels': labels if labelled else None}))
-        out.commit()
+        labelled = out.finish(labels)
     except BaseException:
         out.abort()
         raise

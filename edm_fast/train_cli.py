@@ -87,11 +87,28 @@ def shutdown(ok):
         torch.distributed.destroy_process_group()
 
 
-def log_error(logger, error):
-    """Record a user error that ended training in log.txt (click prints it after the log is closed)."""
-    if logger is not None and isinstance(error, USER_ERRORS):
-        logger.file.write(f'Error: {one_line(error)}\n')
-        logger.file.flush()
+def launch(loop, c, perf, device, rank, write_options):
+    """Rank 0 creates the run directory, writes training_options.json (if write_options) and tees the output to
+    log.txt; every rank runs loop(**c, **perf, device=device). A user error that ends training is recorded in
+    log.txt (click prints it after the log is closed)."""
+    logger = None
+    try:
+        if rank == 0:
+            os.makedirs(c['run_dir'], exist_ok=True)
+            if write_options:
+                with open(os.path.join(c['run_dir'], 'training_options.json'), 'wt') as f:
+                    json.dump(dict(c, edm_fast_performance=perf), f, indent=2, default=str)
+            logger = util.Logger(os.path.join(c['run_dir'], 'log.txt'), file_mode='a')
+        try:
+            loop(**c, **perf, device=device)
+        except USER_ERRORS as e:
+            if logger is not None:
+                logger.file.write(f'Error: {one_line(e)}\n')
+                logger.file.flush()
+            raise
+    finally:
+        if logger is not None:
+            logger.close()
 
 
 def check_outdir(path, flag='--outdir'):
@@ -279,7 +296,7 @@ def run_edm2(opts, explicit):
                 compile=opts['compile_net'], backend=opts['backend'])
     device_type = opts['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
     rank, world, device = distributed.init_from_env(device_type)
-    ok, logger = False, None
+    ok = False
     try:
         with all_ranks_agree(world):
             setup_edm2(c, rank, world, scan_images=not opts['dry_run'])
@@ -292,20 +309,9 @@ def run_edm2(opts, explicit):
                 print('Dry run; exiting.')
             ok = True
             return
-        if rank == 0:
-            os.makedirs(c['run_dir'], exist_ok=True)
-            with open(os.path.join(c['run_dir'], 'training_options.json'), 'wt') as f:
-                json.dump(dict(c, edm_fast_performance=perf), f, indent=2, default=str)
-            logger = util.Logger(os.path.join(c['run_dir'], 'log.txt'), file_mode='a')
-        try:
-            training_loop_edm2.training_loop(**c, **perf, device=device)
-        except USER_ERRORS as e:
-            log_error(logger, e)
-            raise
+        launch(training_loop_edm2.training_loop, c, perf, device, rank, write_options=True)
         ok = True
     finally:
-        if logger is not None:
-            logger.close()
         shutdown(ok)
 
 
@@ -511,7 +517,7 @@ def setup_edm(opts, rank, world):
 def run(opts):
     device_type = opts['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
     rank, world, device = distributed.init_from_env(device_type)
-    ok, logger = False, None
+    ok = False
     try:
         with all_ranks_agree(world):
             c, perf, continue_dir, dtype_str = setup_edm(opts, rank, world)
@@ -550,19 +556,8 @@ def run(opts):
 
         if rank == 0:
             print('Creating output directory...')
-            os.makedirs(c['run_dir'], exist_ok=True)
-            if continue_dir is None:
-                with open(os.path.join(c['run_dir'], 'training_options.json'), 'wt') as f:
-                    json.dump(dict(c, edm_fast_performance=perf), f, indent=2)
-            logger = util.Logger(os.path.join(c['run_dir'], 'log.txt'), file_mode='a')
-        try:
-            training_loop(**c, **perf, device=device)
-        except USER_ERRORS as e:
-            log_error(logger, e)
-            raise
+        launch(training_loop, c, perf, device, rank, write_options=continue_dir is None)
         ok = True
     finally:
-        if logger is not None:
-            logger.close()
         shutdown(ok)
     return 0

@@ -20,6 +20,7 @@
 #include <iostream>
 #include <string>
 
+#include "common/emulator/driver_io.h"
 #include "attention/attention_bwd.cu"
 #include "attention/attention_fp32.cu"
 #include "attention/attention_fwd.cu"
@@ -36,12 +37,7 @@ struct Buffer {
   void* data(size_t elem_size) { return bytes.data() + offset * elem_size; }
 };
 
-int64_t read_i64(std::istream& in) {
-  int64_t v = 0;
-  in.read(reinterpret_cast<char*>(&v), sizeof(v));
-  if (!in) throw std::runtime_error("truncated input header");
-  return v;
-}
+int64_t read_i64(std::istream& in) { return edm_fast::emu::read_value<int64_t>(in); }
 
 void read_layout(std::istream& in, Buffer& b) {
   b.s.n = read_i64(in);
@@ -53,10 +49,7 @@ void read_layout(std::istream& in, Buffer& b) {
 
 void alloc(Buffer& b, size_t elem_size) { b.bytes.assign(static_cast<size_t>(b.elems) * elem_size, 0xFF); }
 
-void read_bytes(std::istream& in, void* dst, size_t n) {
-  in.read(static_cast<char*>(dst), static_cast<std::streamsize>(n));
-  if (!in) throw std::runtime_error("truncated input data");
-}
+using edm_fast::emu::read_bytes;
 
 }  // namespace
 

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "common/emulator/driver_io.h"
 #include "group_norm/group_norm.h"
 #include "group_norm/group_norm_common.cuh"
 
@@ -31,22 +32,9 @@ using namespace edm_fast;
 
 struct Reader {
   std::ifstream in;
-  int64_t i64() {
-    int64_t v = 0;
-    in.read(reinterpret_cast<char*>(&v), 8);
-    if (!in) throw std::runtime_error("truncated input header");
-    return v;
-  }
-  double f64() {
-    double v = 0;
-    in.read(reinterpret_cast<char*>(&v), 8);
-    if (!in) throw std::runtime_error("truncated input header");
-    return v;
-  }
-  void bytes(std::vector<unsigned char>& dst) {
-    in.read(reinterpret_cast<char*>(dst.data()), static_cast<std::streamsize>(dst.size()));
-    if (!in) throw std::runtime_error("truncated input data");
-  }
+  int64_t i64() { return emu::read_value<int64_t>(in); }
+  double f64() { return emu::read_value<double>(in); }
+  void bytes(std::vector<unsigned char>& dst) { emu::read_bytes(in, dst.data(), dst.size()); }
 };
 
 std::vector<unsigned char> poisoned(size_t bytes) { return std::vector<unsigned char>(bytes, 0xFF); }

@@ -17,6 +17,8 @@
 
 #include <cuda_runtime.h>
 
+#include "common/emulator/driver_io.h"
+
 namespace edm_fast {  // defined in heun_kernels.cu (declared the same way in heun_op.cpp)
 void heun_euler_launch(const double* x_hat, const void* denoised, int dtype, double* x_next, double t_hat,
                        double t_next, int64_t n, cudaStream_t stream);
@@ -24,22 +26,8 @@ void heun_correct_launch(const double* x_hat, const double* x_next, const void* 
                          int dtype, double* out, double t_hat, double t_next, int64_t n, cudaStream_t stream);
 }  // namespace edm_fast
 
-namespace {
-
-template <typename T>
-T read(std::istream& in) {
-  T v{};
-  in.read(reinterpret_cast<char*>(&v), sizeof(v));
-  if (!in) throw std::runtime_error("truncated input");
-  return v;
-}
-
-void read_bytes(std::istream& in, void* dst, size_t n) {
-  in.read(static_cast<char*>(dst), static_cast<std::streamsize>(n));
-  if (!in) throw std::runtime_error("truncated input data");
-}
-
-}  // namespace
+using edm_fast::emu::read_bytes;
+using edm_fast::emu::read_value;
 
 int main(int argc, char** argv) {
   if (argc != 3) {
@@ -48,10 +36,10 @@ int main(int argc, char** argv) {
   }
   try {
     std::ifstream in(argv[1], std::ios::binary);
-    if (read<int64_t>(in) != 0x4E01) throw std::runtime_error("bad magic");
-    const int dtype = static_cast<int>(read<int64_t>(in));
-    const int64_t n = read<int64_t>(in);
-    const double t_hat = read<double>(in), t_next = read<double>(in);
+    if (read_value<int64_t>(in) != 0x4E01) throw std::runtime_error("bad magic");
+    const int dtype = static_cast<int>(read_value<int64_t>(in));
+    const int64_t n = read_value<int64_t>(in);
+    const double t_hat = read_value<double>(in), t_next = read_value<double>(in);
     const size_t es = dtype == 0 ? 4 : 2;
     std::vector<double> x_hat(n), x_next(n), euler(n), correct(n);
     std::vector<unsigned char> d(n * es), d2(n * es);

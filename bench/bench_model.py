@@ -1,4 +1,5 @@
-"""Network throughput: forward (sampling) and forward+backward (training) of the preset networks.
+"""Network throughput: forward (sampling), forward+backward (train) and the whole optimisation step (step) of the
+preset networks.
 
   python -m bench.bench_model [--models ddpmpp-cifar10,adm-imagenet64] [--batches 64,512] [--quick] [--out DIR]
   python -m bench.bench_model --models edm2-img64-s          # EDM2-S ImageNet-64 (EDM2Loss for training)
@@ -6,8 +7,10 @@
 
 For each model, batch and provider (bench/models.py): images/s, achieved TFLOP/s (model FLOPs counted by
 torch's FlopCounterMode), model-FLOP utilisation against the measured 790 TFLOP/s bf16 ceiling, peak memory,
-and the speed-up over the NVlabs-style reference measured in the same run. A failing provider is recorded
-and the others continue. Optional --profile adds a per-op-type time breakdown of the fast path.
+and the speed-up over the NVlabs-style reference measured in the same run. `step` is what train.py does per
+batch on one GPU (EDM models): the EDM augment pipe at p = 0.12, the loss forward and backward, gradient
+sanitising, Adam and the EMA update, on uint8 images already on the device; its FLOPs and MFU count the
+network's forward and backward only. A failing provider is recorded and the others continue. Optional --profile adds a per-op-type time breakdown of the fast path.
 """
 
 import argparse
@@ -17,8 +20,36 @@ import traceback
 import torch
 
 from bench import harness, models
+from edm_fast import augment as augment_module
 from edm_fast import loss as loss_module
-from edm_fast import loss_edm2, networks_edm2
+from edm_fast import loss_edm2, networks_edm2, training_loop
+from edm_fast.training_stats import Collector
+
+
+def training_step(module, fn, loss_fn, batch, labels, channels_last):
+    """One optimisation step as edm_fast.training_loop runs it (EDM): returns a no-argument callable."""
+    import copy
+    device = next(module.parameters()).device
+    g = torch.Generator(device).manual_seed(2)
+    images = torch.randint(0, 256, [batch, module.img_channels, module.img_resolution, module.img_resolution],
+                           dtype=torch.uint8, device=device, generator=g)
+    augment_pipe = augment_module.AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+                                              translate_frac=1) if module.model.map_augment is not None else None
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    ema = copy.deepcopy(module).eval().requires_grad_(False)
+    stats = Collector()
+
+    def prepare(images, labels):
+        x = images.to(torch.float32) / 127.5 - 1
+        return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        training_loop.accumulate_gradients(fn, loss_fn, [(images, labels)], 1, batch, augment_pipe, stats, prepare)
+        training_loop.sanitize_gradients(module)
+        optimizer.step()
+        training_loop.update_ema(ema, module, 0.999)
+    return step
 
 
 def run_case(model, net, provider, batch, mode, flops, warmup, repeats, nvlabs_dirs=()):
@@ -33,13 +64,18 @@ def run_case(model, net, provider, batch, mode, flops, warmup, repeats, nvlabs_d
             def step():
                 with torch.no_grad():
                     fn(x, sigma, labels)
-        else:
+        elif mode == 'train':
             module.train().requires_grad_(True)
             loss_fn = loss_edm2.EDM2Loss(P_mean=-0.8, P_std=1.6) if models.is_edm2(model) else loss_module.EDMLoss()
             images = x.clamp(-1, 1)
 
             def step():
                 loss_fn(fn, images, labels).sum().backward()
+        else:
+            if models.is_edm2(model):
+                raise NotImplementedError('step mode times the EDM training step; EDM2 models have train mode only')
+            module.train().requires_grad_(True)
+            step = training_step(module, fn, loss_module.EDMLoss(), batch, labels, provider.startswith('fast'))
         cuda = models.DEVICE == 'cuda'
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -90,7 +126,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--models', default='ddpmpp-cifar10,ncsnpp-cifar10,ddpmpp-64,adm-imagenet64')
     p.add_argument('--batches', default=None, help='comma list (default: per model)')
-    p.add_argument('--modes', default='forward,train')
+    p.add_argument('--modes', default='forward,train,step')
     p.add_argument('--providers', default=','.join(models.PROVIDERS))
     p.add_argument('--quick', action='store_true', help='fewer repeats, one batch size per model')
     p.add_argument('--profile', action='store_true')
@@ -105,7 +141,7 @@ def main(argv=None):
     records = []
     for model in args.models.split(','):
         net = models.build(model)
-        flops = {m: models.count_flops(net, train=(m == 'train')) for m in args.modes.split(',')}
+        flops = {m: models.count_flops(net, train=(m != 'forward')) for m in args.modes.split(',')}
         counts = [harness.record('model', f'{model}/{m}', 'count', 'gflops_per_image', f / 1e9, 'GFLOP')
                   for m, f in flops.items()]
         records += counts
@@ -114,6 +150,8 @@ def main(argv=None):
         if args.quick:
             batches = batches[:1]
         for mode in args.modes.split(','):
+            if mode == 'step' and models.is_edm2(model):
+                continue  # the EDM2 loop's step (phema, its learning-rate schedule) is not modelled here
             for batch in batches:
                 for provider in providers:
                     if provider == 'reference-fp16' and model != 'adm-imagenet64':

@@ -90,8 +90,8 @@ for stage in "$@"; do
       timeout 60 python -m bench.bench_group_norm --quick --out "$R" > "$OUT/b_gn.log" 2>&1; say "group_norm exit $?"
       timeout 50 python -m bench.bench_resample --quick --out "$R" > "$OUT/b_rs.log" 2>&1; say "resample exit $?"
       timeout 70 python -m bench.bench_attention --quick --out "$R" > "$OUT/b_at.log" 2>&1; say "attention exit $?"
-      timeout 150 python -m bench.bench_model --models ddpmpp-cifar10 --providers reference,reference-compiled,fast-bf16 \
-        --batches 512 --quick --out "$R" > "$OUT/b_m1.log" 2>&1; say "model ddpmpp exit $?"
+      timeout 200 python -m bench.bench_model --models ddpmpp-cifar10 --providers reference,reference-compiled,fast-bf16 \
+        --modes train,step --batches 512 --quick --out "$R" > "$OUT/b_m1.log" 2>&1; say "model ddpmpp exit $?"
       timeout 80 python -m bench.bench_model --models adm-imagenet64 --providers reference-fp16,fast-bf16 --modes forward \
         --batches 64 --quick --out "$R" > "$OUT/b_m2.log" 2>&1; say "model adm exit $?"
       timeout 90 python -m bench.bench_sample --models ddpmpp-cifar10 --out "$R" > "$OUT/b_s.log" 2>&1; say "sample exit $?"

@@ -8,9 +8,9 @@ preset networks.
 For each model, batch and provider (bench/models.py): images/s, achieved TFLOP/s (model FLOPs counted by
 torch's FlopCounterMode), model-FLOP utilisation against the measured 790 TFLOP/s bf16 ceiling, peak memory,
 and the speed-up over the NVlabs-style reference measured in the same run. `step` is what train.py does per
-batch on one GPU (EDM models): the EDM augment pipe at p = 0.12, the loss forward and backward, gradient
-sanitising, Adam and the EMA update, on uint8 images already on the device; its FLOPs and MFU count the
-network's forward and backward only. A failing provider is recorded and the others continue. Optional --profile adds a per-op-type time breakdown of the fast path.
+batch on one GPU (training_step: EDM's augment pipe, or EDM2's encoder and learning-rate schedule, the loss
+forward and backward, gradient sanitising, Adam and the EMA update, on uint8 images already on the device);
+its FLOPs and MFU count the network's forward and backward only. A failing provider is recorded and the others continue. Optional --profile adds a per-op-type time breakdown of the fast path.
 """
 
 import argparse
@@ -26,22 +26,50 @@ from edm_fast import loss_edm2, networks_edm2, training_loop
 from edm_fast.training_stats import Collector
 
 
-def training_step(module, fn, loss_fn, batch, labels, channels_last):
-    """One optimisation step as edm_fast.training_loop runs it (EDM): returns a no-argument callable."""
+def training_step(model, module, fn, batch, labels, channels_last):
+    """One optimisation step as train.py runs it per batch, on uint8 images already on the device; returns a
+    no-argument callable. EDM (edm_fast.training_loop): the augment pipe at p = 0.12, EDMLoss, gradient
+    sanitising, Adam, the EMA. EDM2 (edm_fast.training_loop_edm2): the RGB encoder, EDM2Loss, the learning-rate
+    schedule, force_finite, Adam (betas 0.9, 0.99), the power-function EMA at two stds."""
     import copy
+
+    from edm_fast import encoders, phema, training_loop_edm2
     device = next(module.parameters()).device
     g = torch.Generator(device).manual_seed(2)
     images = torch.randint(0, 256, [batch, module.img_channels, module.img_resolution, module.img_resolution],
                            dtype=torch.uint8, device=device, generator=g)
-    augment_pipe = augment_module.AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
-                                              translate_frac=1) if module.model.map_augment is not None else None
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
-    ema = copy.deepcopy(module).eval().requires_grad_(False)
     stats = Collector()
 
+    def channels(x):
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    if models.is_edm2(model):
+        encoder, loss_fn = encoders.StandardRGBEncoder(), loss_edm2.EDM2Loss(P_mean=-0.8, P_std=1.6)
+        optimizer = torch.optim.Adam(module.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
+        ema = phema.PowerFunctionEMA(module, stds=[0.05, 0.10])
+        nimg = [0]
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(net=fn, images=channels(encoder.encode_latents(images)), labels=labels)
+            stats.report('Loss/loss', loss)
+            loss.sum().mul(1 / batch).backward()
+            for group in optimizer.param_groups:
+                group['lr'] = loss_edm2.learning_rate_schedule(nimg[0], batch, ref_lr=1e-2, ref_batches=35000)
+            training_loop_edm2.sanitize_gradients(module)
+            optimizer.step()
+            nimg[0] += batch
+            ema.update(cur_nimg=nimg[0], batch_size=batch)
+        return step
+
+    augment_pipe = augment_module.AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+                                              translate_frac=1) if module.model.map_augment is not None else None
+    loss_fn = loss_module.EDMLoss()
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    ema = copy.deepcopy(module).eval().requires_grad_(False)
+
     def prepare(images, labels):
-        x = images.to(torch.float32) / 127.5 - 1
-        return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels
+        return channels(images.to(torch.float32) / 127.5 - 1), labels
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -72,10 +100,8 @@ def run_case(model, net, provider, batch, mode, flops, warmup, repeats, nvlabs_d
             def step():
                 loss_fn(fn, images, labels).sum().backward()
         else:
-            if models.is_edm2(model):
-                raise NotImplementedError('step mode times the EDM training step; EDM2 models have train mode only')
             module.train().requires_grad_(True)
-            step = training_step(module, fn, loss_module.EDMLoss(), batch, labels, provider.startswith('fast'))
+            step = training_step(model, module, fn, batch, labels, provider.startswith('fast'))
         cuda = models.DEVICE == 'cuda'
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -150,8 +176,6 @@ def main(argv=None):
         if args.quick:
             batches = batches[:1]
         for mode in args.modes.split(','):
-            if mode == 'step' and models.is_edm2(model):
-                continue  # the EDM2 loop's step (phema, its learning-rate schedule) is not modelled here
             for batch in batches:
                 for provider in providers:
                     if provider == 'reference-fp16' and model != 'adm-imagenet64':

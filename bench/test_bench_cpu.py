@@ -71,8 +71,6 @@ def test_model_and_sample_benchmarks_run_on_cpu(model, monkeypatch):
     monkeypatch.setattr(models, 'DEVICE', 'cpu')
     net = models.build(model)
     for mode in ('forward', 'train', 'step'):
-        if mode == 'step' and models.is_edm2(model):
-            continue
         flops = models.count_flops(net, train=mode != 'forward')
         assert flops > 0
         records = bench_model.run_case(model, net, 'reference', 2, mode, flops, warmup=1, repeats=2)

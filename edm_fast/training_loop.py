@@ -101,6 +101,7 @@ class StopVote:
     def __init__(self, device):
         self.device = device
         self._pending = None  # (host tensor, CUDA event or None) of the previous vote
+        self._host = None  # pinned landing place of the vote, reused: the previous copy is waited for first
 
     def poll(self, requested):
         if not torch.distributed.is_initialized():
@@ -117,11 +118,12 @@ class StopVote:
         torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX, async_op=True).wait()
         event = None
         if on_gpu:  # wait() only made the stream wait; copy behind it without blocking the host
-            host = torch.empty_like(vote, device='cpu').pin_memory()
-            host.copy_(vote, non_blocking=True)
+            if self._host is None:
+                self._host = torch.empty(1, dtype=torch.float32, pin_memory=True)
+            self._host.copy_(vote, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            vote = host
+            vote = self._host
         self._pending = (vote, event)
         return result
 

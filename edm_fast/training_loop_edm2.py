@@ -211,9 +211,6 @@ def check_sizes(*, batch_size, batch_gpu, world, total_nimg, slice_nimg=None, st
     status_nimg = parse_nimg(status_nimg, 'status_nimg (--status)') or None
     snapshot_nimg = parse_nimg(snapshot_nimg, 'snapshot_nimg (--snapshot)') or None
     checkpoint_nimg = parse_nimg(checkpoint_nimg, 'checkpoint_nimg (--checkpoint)') or None
-    if batch_size <= 0 or batch_size % world != 0:
-        raise TrainingConfigError(f'batch_size (--batch) = {batch_size} must be a positive multiple of the number of '
-                                  f'processes ({world}); use e.g. --batch={max(batch_size // world, 1) * world}')
     batch_gpu, rounds = split_batch(batch_size, batch_gpu, world, 'batch_size (--batch)', 'batch_gpu (--batch-gpu)')
     intervals = (('total_nimg', total_nimg, '--duration', 1), ('slice_nimg', slice_nimg, '--slice', 1),
                  ('status_nimg', status_nimg, '--status', 1), ('snapshot_nimg', snapshot_nimg, '--snapshot', 1024),

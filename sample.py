@@ -28,9 +28,18 @@ def check_outdir(outdir):
         raise click.BadParameter(f'cannot write to {outdir!r}: {e.strerror}', param_hint="'--outdir'")
 
 
+def demo_grid_path(outdir):
+    """The demo's grid goes beside --outdir, not into it: a folder of samples then holds only the per-seed PNGs, so
+    `fid.py calc --images=out` and dataset_tool.py read exactly the generated images."""
+    folder = os.path.normpath(outdir)
+    if os.path.basename(folder) in ('', '.', '..'):
+        folder = os.path.abspath(folder)
+    return folder + '-grid.png'
+
+
 @click.command(context_settings=dict(show_default=True))
 @click.option('--network', 'network_path', help='Network: NVlabs pickle or edm_fast snapshot  [default: the built-in '
-              'demo model (digits), which also writes out/grid.png]', metavar='PATH')
+              'demo model (digits), which also writes the grid <outdir>-grid.png]', metavar='PATH')
 @click.option('--outdir', help='Where to save the PNGs', metavar='DIR', default='out')
 @click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', callback=cli_options.parse_seeds, default='0-63')
 @click.option('--subdirs', help='Create subdirectory for every 1000 seeds', is_flag=True)
@@ -53,7 +62,7 @@ def main(network_path, outdir, seeds, subdirs, resume, class_idx, max_batch_size
             raise click.BadParameter(f'no --network given and the built-in demo model {DEMO_SNAPSHOT} is missing; '
                                      f'pass --network=PATH', param_hint="'--network'")
         network_path = DEMO_SNAPSHOT
-        grid_path = grid_path or os.path.join(outdir, 'grid.png')
+        grid_path = grid_path or demo_grid_path(outdir)
         grid_pad = 2  # the demo digits fill their frames: separate the tiles
     rank, world, device = distributed.init_from_env(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     check_outdir(outdir)

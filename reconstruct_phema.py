@@ -6,7 +6,7 @@
 
 Inputs are the `network-snapshot-{kimg}-{std}` files of one run: edm_fast .safetensors snapshots or official
 EDM2 .pkl files (read without running code from them). Outputs are edm_fast snapshots
-`{outprefix}-{kimg:07d}-{std:.3f}.safetensors` with fp16 parameters, usable with sample.py / load_network.
+`{outprefix}-{kimg:07d}-{std:.3f}.safetensors` in fp16 (parameters and buffers, as NVlabs), usable with sample.py / load_network.
 """
 
 import os

@@ -552,3 +552,41 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 j = (i - rnd.randint(window)) % n
                 order[i], order[j] = order[j], order[i]
             idx += 1
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Endless index stream of NVlabs edm2 (spec §10.5): epoch e = idx // len is the permutation
+    `RandomState(hash((seed, e)) % 2^31).shuffle(arange(len))` (or arange without shuffle), and rank r takes
+    the global positions idx = start_idx + r, start_idx + r + num_replicas, ... So every epoch shows each item
+    once, and a run resumed with start_idx = cur_nimg continues the stream exactly, with no replay.
+
+    Args match `InfiniteSampler` (there is no window)."""
+
+    def __init__(self, dataset_len, rank=0, num_replicas=1, seed=0, shuffle=True, start_idx=0):
+        if not isinstance(dataset_len, (int, np.integer)):
+            dataset_len = len(dataset_len)
+        if int(dataset_len) <= 0:
+            raise ValueError(f'EpochSampler needs a non-empty dataset, got dataset_len={dataset_len}')
+        if num_replicas <= 0 or not 0 <= rank < num_replicas:
+            raise ValueError(f'EpochSampler: need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}')
+        if start_idx < 0:
+            raise ValueError(f'EpochSampler: start_idx must be >= 0, got {start_idx}')
+        super().__init__()
+        self.dataset_len, self.rank, self.num_replicas = int(dataset_len), int(rank), int(num_replicas)
+        self.seed, self.shuffle, self.start_idx = int(seed), bool(shuffle), int(start_idx)
+
+    def epoch_order(self, epoch):
+        """The item order of one epoch (all ranks alike)."""
+        order = np.arange(self.dataset_len)
+        if self.shuffle:
+            np.random.RandomState(hash((self.seed, int(epoch))) % (1 << 31)).shuffle(order)
+        return order
+
+    def __iter__(self):
+        idx, epoch, order = self.start_idx + self.rank, None, None
+        while True:
+            if epoch != idx // self.dataset_len:
+                epoch = idx // self.dataset_len
+                order = self.epoch_order(epoch)
+            yield int(order[idx % self.dataset_len])
+            idx += self.num_replicas

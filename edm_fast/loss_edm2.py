@@ -44,7 +44,7 @@ class EDM2Loss:
         return f'EDM2Loss({args})'
 
 
-def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=50e3, rampup_Mimg=10):
+def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10):
     """Inverse-square-root decay after ref_batches batches, linear warm-up over rampup_Mimg million images.
 
     lr = ref_lr / sqrt(max(cur_nimg / (ref_batches batch_size), 1)) * min(cur_nimg / (rampup_Mimg 1e6), 1);

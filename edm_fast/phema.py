@@ -350,7 +350,7 @@ def reconstruct_phema(in_snapshots, out_std, out_kimg=None, out_dir='.', out_pre
     is complete); when nothing is left no input is read. Up to max_batch_size outputs are built per pass
     over the inputs, so with len(out_std) <= max_batch_size every input is read exactly once; memory holds
     one input network plus the fp32 accumulators of the outputs. Parameters are sum_i X[i, k] theta_i
-    (fp32), buffers come from the newest input, the result is stored with fp16 parameters (as NVlabs).
+    (fp32), buffers come from the newest input, the result is stored in fp16, parameters and buffers (as NVlabs).
     Returns a list of dict(path, std, nimg, coefs), one per file written.
     """
     from . import checkpoint

@@ -6,7 +6,7 @@ static loss scaling (never undone); NaN/±inf gradients -> 0 (force_finite); gra
 sync on the last round only; every step reseeds torch and numpy with hash((seed, rank, cur_nimg)) so a
 step depends only on its position; sizes are counted in images (Ki/Mi/Gi suffixes, see `parse_nimg`);
 status lines, network snapshots and training states at multiples of their intervals; power-function EMAs
-with one snapshot per std (`network-snapshot-{kimg:07d}-{std:.3f}.safetensors`, fp16 parameters);
+with one snapshot per std (`network-snapshot-{kimg:07d}-{std:.3f}.safetensors`, fp16 parameters and buffers);
 automatic resume from the newest `training-state-{kimg:07d}.pt` in run_dir.
 
 Beyond NVlabs: snapshots and states cannot run code when loaded (states are torch.save'd tensors and plain
@@ -309,7 +309,7 @@ def training_loop(
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
     # Data and encoder.
-    from .dataset import InfiniteSampler
+    from .dataset import EpochSampler
     if rank == 0:
         print('Loading dataset...')
     dataset_obj = construct(dataset_kwargs)
@@ -381,7 +381,7 @@ def training_loop(
         print()
 
     # Data stream from the current position.
-    sampler = InfiniteSampler(len(dataset_obj), rank=rank, num_replicas=world, seed=seed, start_idx=cur_nimg)
+    sampler = EpochSampler(len(dataset_obj), rank=rank, num_replicas=world, seed=seed, start_idx=cur_nimg)
     loader_kwargs = dict(data_loader_kwargs)
     loader_kwargs.pop('class_name', None)
     if loader_kwargs.get('num_workers', 0) == 0:

@@ -131,14 +131,15 @@ def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
 
     names = {mod: name for name, mod in module.named_modules()}
     seen = set()
-    rows = [['Module', 'Parameters', 'Buffers', 'Output shape', 'Datatype'], ['---'] * 5]
+    rows = [[type(module).__name__, 'Parameters', 'Buffers', 'Output shape', 'Datatype'], ['---'] * 5]
     total_p = total_b = 0
     for mod, outs in entries:
         params = [p for p in mod.parameters() if id(p) not in seen]
         buffers = [b for b in mod.buffers() if id(b) not in seen]
-        seen.update(id(t) for t in params + buffers)
-        if skip_redundant and not params and not buffers and mod is not module:
-            continue
+        new_outputs = [t for t in outs if id(t) not in seen]
+        seen.update(id(t) for t in params + buffers + outs)
+        if skip_redundant and not params and not buffers and not new_outputs:
+            continue  # as NVlabs: only rows that add nothing new (e.g. a module returning its input) are left out
         np_, nb = sum(p.numel() for p in params), sum(b.numel() for b in buffers)
         total_p, total_b = total_p + np_, total_b + nb
         shapes = [str(list(t.shape)) for t in outs] or ['-']
@@ -147,11 +148,11 @@ def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
         for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
             rows.append([name + (f':{i}' if len(outs) > 1 else '') if i == 0 or len(outs) > 1 else '',
                          str(np_) if i == 0 and np_ else '-', str(nb) if i == 0 and nb else '-', shape, dtype])
-    rows += [['---'] * 5, ['Total', str(total_p), str(total_b), '', '']]
+    rows += [['---'] * 5, ['Total', str(total_p), str(total_b), '-', '-']]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     print()
     for r in rows:
-        print('  '.join(c + ' ' * (w - len(c)) for c, w in zip(r, widths)).rstrip())
+        print('  '.join(c + ' ' * (w - len(c)) for c, w in zip(r, widths)))  # padded to the last column, as NVlabs
     print()
     return outputs
 

@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 import torch
 
-from edm_fast.dataset import DatasetError, ImageFolderDataset, InfiniteSampler
+from edm_fast.dataset import DatasetError, EpochSampler, ImageFolderDataset, InfiniteSampler
 
 
 def _png(array_hwc):
@@ -416,3 +416,45 @@ def test_sampler_argument_errors():
         InfiniteSampler(5, window_size=1.5)
     with pytest.raises(ValueError, match='start_idx'):
         InfiniteSampler(5, start_idx=-1)
+
+
+def _edm2_stream(n, count, seed, start=0):
+    """Spec §10.5 written out: epoch e is RandomState(hash((seed, e)) mod 2^31).shuffle(arange(n))."""
+    out = []
+    for idx in range(start, start + count):
+        order = np.arange(n)
+        np.random.RandomState(hash((seed, idx // n)) % (1 << 31)).shuffle(order)
+        out.append(int(order[idx % n]))
+    return out
+
+
+@pytest.mark.parametrize('n,seed', [(1, 0), (7, 0), (10, 3), (100, 12345)])
+def test_edm2_sampler_reshuffles_every_epoch(n, seed):
+    stream = list(itertools.islice(iter(EpochSampler(n, seed=seed)), 3 * n))
+    assert stream == _edm2_stream(n, 3 * n, seed)
+    for e in range(3):
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))  # every item once per epoch
+    if n >= 10:
+        assert stream[:n] != stream[n:2 * n] and stream[:n] != list(range(n))
+        assert list(itertools.islice(iter(EpochSampler(n, seed=seed, shuffle=False)), n)) == list(range(n))
+
+
+@pytest.mark.parametrize('num_replicas', [1, 3])
+@pytest.mark.parametrize('start_idx', [0, 5, 37])
+def test_edm2_sampler_ranks_stride_and_resume(num_replicas, start_idx):
+    """Rank r takes global positions start_idx + r + k * num_replicas; a resume at cur_nimg continues exactly."""
+    n, count = 11, 30
+    want = _edm2_stream(n, count * num_replicas, seed=4, start=start_idx)
+    for rank in range(num_replicas):
+        got = list(itertools.islice(iter(EpochSampler(n, rank=rank, num_replicas=num_replicas, seed=4,
+                                                      start_idx=start_idx)), count))
+        assert got == want[rank::num_replicas]
+
+
+def test_edm2_sampler_argument_errors():
+    with pytest.raises(ValueError, match='non-empty'):
+        EpochSampler(0)
+    with pytest.raises(ValueError, match='rank'):
+        EpochSampler(5, rank=2, num_replicas=2)
+    with pytest.raises(ValueError, match='start_idx'):
+        EpochSampler(5, start_idx=-1)

@@ -28,11 +28,11 @@ def make_net(label_dim=6, seed=0):
     return net.eval()
 
 
-def fp16_rounded(net, buffers_too=True):
+def fp16_rounded(net):
     """The network NVlabs would load from its fp16 snapshot: every parameter (and buffer) rounded to fp16."""
     ref = copy.deepcopy(net)
     with torch.no_grad():
-        for t in list(ref.parameters()) + (list(ref.buffers()) if buffers_too else []):
+        for t in list(ref.parameters()) + list(ref.buffers()):
             t.copy_(t.to(torch.float16).to(torch.float32))
     return ref
 
@@ -134,10 +134,14 @@ def test_own_snapshot_of_edm2_net(tmp_path):
     snap = checkpoint.load_snapshot(path)
     loaded = snap['ema']
     assert loaded.init_kwargs == net.init_kwargs and not loaded.training
-    ref = fp16_rounded(net, buffers_too=False)  # edm_fast keeps buffers (Fourier freqs/phases) in fp32
+    ref = fp16_rounded(net)  # as NVlabs' module.to(float16): the Fourier freqs/phases buffers are rounded too
     a, b = outputs(loaded), outputs(ref)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert torch.equal(loaded.unet.emb_fourier.freqs, net.unet.emb_fourier.freqs)
+    for fourier in (loaded.unet.emb_fourier, loaded.logvar_fourier):
+        assert fourier.freqs.dtype == torch.float32
+    assert torch.equal(loaded.unet.emb_fourier.freqs, net.unet.emb_fourier.freqs.half().float())
+    assert torch.equal(loaded.logvar_fourier.phases, net.logvar_fourier.phases.half().float())
+    assert not torch.equal(net.unet.emb_fourier.freqs.half().float(), net.unet.emb_fourier.freqs)  # test has teeth
     assert snap['loss_fn'].init_kwargs == dict(P_mean=-0.8, P_std=1.6)
     assert isinstance(snap['encoder'], encoders.StabilityVAEEncoder)
     np.testing.assert_array_equal(snap['encoder'].scale, enc.scale)

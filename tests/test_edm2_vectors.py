@@ -264,12 +264,13 @@ def test_edm2_vector(name):
 
 
 def test_lr_schedule_defaults():
-    """NVlabs defaults ref_lr=100e-4, ref_batches=50e3, rampup_Mimg=10: lr 0 at the start, ref_lr after the
+    """NVlabs defaults ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10 (spec §10.5): lr 0 at the start, ref_lr after the
     ramp, inverse-sqrt decay after ref_batches batches."""
     lr = loss_edm2.learning_rate_schedule
     assert lr(0, 2048) == 0
     assert lr(5_000_000, 2048) == pytest.approx(0.005, rel=1e-15)
     assert lr(10_000_000, 2048) == pytest.approx(0.01, rel=1e-15)
-    assert lr(4 * 50_000 * 2048, 2048) == pytest.approx(0.005, rel=1e-15)
+    assert lr(70_000 * 2048, 2048) == pytest.approx(0.01, rel=1e-15)
+    assert lr(4 * 70_000 * 2048, 2048) == pytest.approx(0.005, rel=1e-15)
     assert lr(123, 2048, ref_batches=0, rampup_Mimg=0) == 0.01
     assert math.isclose(phema.exp_to_std(0), phema.MAX_STD, rel_tol=1e-15)

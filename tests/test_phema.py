@@ -123,13 +123,13 @@ def test_training_outputs(run):
     snaps = [f'network-snapshot-{k:07d}-{s:.3f}.safetensors' for k in kimgs for s in STDS]
     assert names == sorted(snaps + ['stats.jsonl', 'training-state-0000004.pt', 'training-state-0000008.pt'])
 
-    # Snapshots: fp16 parameters, fp32 buffers, exact cur_nimg and std recorded, EDM2 loss and RGB encoder.
+    # Snapshots: fp16 parameters and buffers (as NVlabs module.to(float16)), exact cur_nimg and std recorded, EDM2 loss and RGB encoder.
     path = os.path.join(run_dir, snaps[-1])
     header = read_header(path)
     snap = checkpoint.load_snapshot(path)
     params = {n for n, _ in snap['ema'].named_parameters()}
     assert {header[f'ema.{n}']['dtype'] for n in params} == {'F16'}
-    assert header['ema.unet.emb_fourier.freqs']['dtype'] == 'F32'
+    assert header['ema.unet.emb_fourier.freqs']['dtype'] == 'F16'  # buffers too, as NVlabs' module.to(float16)
     assert snap['extra'] == dict(kimg=8.192, cur_nimg=TOTAL, ema_std=0.1)
     assert isinstance(snap['loss_fn'], loss_edm2.EDM2Loss) and snap['loss_fn'].P_std == 1.6
     assert type(snap['encoder']).__name__ == 'StandardRGBEncoder'

@@ -166,6 +166,23 @@ def test_gradient_accumulation_equals_full_batch_and_loss_scaling_is_kept():
     assert any(f.abs().max() > 0 for f in full)
 
 
+def test_module_summary_rows_as_nvlabs(capsys):
+    """A module with no parameters or buffers keeps its row when its output is a new tensor (DDPM++'s map_noise, as
+    in NVlabs' log.txt); one that returns a tensor already listed (an identity) is left out."""
+    from edm_fast import util
+    net = networks.SongUNet(img_resolution=8, in_channels=3, out_channels=3, model_channels=16, channel_mult=[1],
+                            num_blocks=1, attn_resolutions=[])
+    util.print_module_summary(net, [torch.zeros(2, 3, 8, 8), torch.ones(2), None], max_nesting=2)
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert names[0] == 'SongUNet' and 'map_noise' in names and 'map_layer0' in names
+    assert '<top-level>' not in names  # SongUNet returns the last aux_conv output itself: nothing new, as in NVlabs
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Identity())
+    util.print_module_summary(seq, [torch.zeros(4, 2)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines if line.strip()] == ['Sequential', '---', '0', '---', 'Total']
+    assert lines[-2].split() == ['Total', '9', '0', '-', '-']
+
+
 def test_stats_collector_moments():
     c = Collector()
     c.report('a', torch.tensor([1.0, 2.0, 3.0]))

@@ -6,7 +6,6 @@ and sigma as a 0-d float64 tensor. `net` is anything with the preconditioner int
 net(x, sigma, class_labels) and exposing sigma_min, sigma_max and round_sigma().
 """
 
-import math
 
 import numpy as np
 import torch
@@ -76,9 +75,9 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 
 
 def _vp_sigma(beta_d, beta_min, t):
-    if isinstance(t, torch.Tensor):
-        return ((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1).sqrt()
-    return math.sqrt(math.exp(0.5 * beta_d * t ** 2 + beta_min * t) - 1)
+    """sigma(t) = sqrt(e^(beta_d t^2 / 2 + beta_min t) - 1), written as powers (e ** x, then ** 0.5) for tensors and
+    Python floats alike, as NVlabs writes it: exp() and sqrt() round differently in the last bit."""
+    return (np.e ** (0.5 * beta_d * (t ** 2) + beta_min * t) - 1) ** 0.5
 
 
 class _Schedule:

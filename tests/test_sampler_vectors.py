@@ -1,5 +1,6 @@
 """The sampler_* and tsteps reference vectors: EDM and ablation samplers, call by call."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,28 @@ def test_edm_sampler_churn_sigma_is_bit_exact():
     churned = [i for i in same if kwargs['S_min'] <= recorded_t[i] <= kwargs['S_max']]
     assert churned, 'no churned step to compare'
     assert [got_sigma[2 * i] for i in same] == [recorded_sigma[2 * i] for i in same]
+
+
+@pytest.mark.parametrize('name', ['sampler_abl_euler_vp_vp_vp.npz', 'sampler_abl_euler_vp_vp_vp_churn.npz',
+                                  'sampler_abl_heun_edm_vp_vp.npz'])
+def test_vp_schedule_is_bit_exact(name):
+    """sigma(t) of the VP schedule is NVlabs' (e ** x - 1) ** 0.5, not sqrt(exp(x) - 1), which differs in the last bit
+    (5.7e-14 in sigma_steps, 1.6e-5 in the churned x) and hides inside the vectors' tolerances. Compared exactly
+    where this machine's pow reproduces the recorded EDM schedule bit for bit (the recording machine's libm)."""
+    refvec.require()
+    edm = refvec.Case('sampler_edm_det18.npz')
+    edm_net, _, _, edm_kwargs = _run(edm)
+    t_edm = sampling.edm_time_steps(edm_net, **{k: edm_kwargs[k] for k in ('num_steps', 'sigma_min', 'sigma_max',
+                                                                           'rho') if k in edm_kwargs})[0]
+    if not np.array_equal(t_edm.numpy(), edm.d['out/t_steps']):
+        pytest.skip('this machine\'s pow does not reproduce the recorded EDM schedule bit for bit')
+    case = refvec.Case(name)
+    net, _, x, kwargs = _run(case)
+    assert case.check('x', x) == 0
+    assert case.check('call_sigma', torch.stack([c[1].to(torch.float64).reshape([]) for c in net.calls])) == 0
+    keys = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'discretization', 'epsilon_s', 'C_1', 'C_2', 'M')
+    sigma_steps = sampling.ablation_sigma_steps(net, **{k: v for k, v in kwargs.items() if k in keys})[0]
+    assert case.check('sigma_steps', sigma_steps) == 0
 
 
 def _check_tsteps(case):

@@ -93,10 +93,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         xflip: append an x-mirrored copy of every image (the dataset length doubles).
         random_seed: seed of the max_size subset.
         cache: keep decoded images in memory, one cache per process (each DataLoader worker has its own).
+        square_pow2: require square images of a power-of-two size, as the networks take them (fid.py turns this
+            off: the detector resizes any image, as NVlabs fid.py reads any image folder).
     """
 
     def __init__(self, path, resolution=None, use_labels=False, max_size=None, xflip=False, random_seed=0,
-                 cache=False, use_pyspng=None):
+                 cache=False, use_pyspng=None, square_pow2=True):
         # use_pyspng is accepted so NVlabs dataset_kwargs (which may contain it) construct unchanged;
         # decoding always goes through Pillow, which gives the same pixels.
         del use_pyspng
@@ -131,15 +133,23 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f'{self._path}: no image files found (looked for {", ".join(sorted(extensions)[:6])}, '
                                f'...); point --data at the folder or zip that holds the images')
 
+        arrays = sum(_file_ext(f) == '.npy' for f in self._image_fnames)
+        if 0 < arrays < len(self._image_fnames):
+            raise DatasetError(f'{self._path}: mixes {arrays} .npy array(s) (e.g. '
+                               f'{next(f for f in self._image_fnames if _file_ext(f) == ".npy")}) with '
+                               f'{len(self._image_fnames) - arrays} image file(s); a dataset holds either images or '
+                               f'the latents of dataset_tool.py encode: move the other kind out of it')
+        self._holds_arrays = arrays > 0
+
         self._name = os.path.splitext(os.path.basename(self._path.rstrip('/\\')))[0]
         first = self._load_raw_image(0, check_shape=False)
         self._raw_shape = [len(self._image_fnames)] + list(first.shape)
         c, h, w = first.shape
         where = self._where(0)
-        if h != w:
+        if square_pow2 and h != w:
             raise DatasetError(f'{where}: image is {w}x{h}; EDM needs square images: {_CONVERT_HINT} '
                                f'--transform=center-crop --resolution=RxR')
-        if w & (w - 1) != 0:
+        if square_pow2 and w & (w - 1) != 0:
             raise DatasetError(f'{where}: image is {w}x{h}; EDM needs a power-of-two resolution: {_CONVERT_HINT} '
                                f'--resolution=RxR (R a power of two)')
         if resolution is not None and resolution != w:
@@ -358,6 +368,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     # ------------------------------------------------------------------------------------------------
     # Properties (NVlabs names).
+
+    @property
+    def holds_arrays(self):
+        """True for a dataset of .npy arrays (VAE latents), False for one of image files."""
+        return self._holds_arrays
 
     @property
     def name(self):

@@ -184,7 +184,10 @@ def _subset(count, max_size, random_seed):
 class _FolderImages(torch.utils.data.Dataset):
     def __init__(self, path, max_size, random_seed):
         self.path = path
-        self.dataset = ImageFolderDataset(path, max_size=max_size, random_seed=random_seed)
+        self.dataset = ImageFolderDataset(path, max_size=max_size, random_seed=random_seed, square_pow2=False)
+        if self.dataset.holds_arrays:
+            raise FIDError(f'{path} holds .npy arrays (latents of dataset_tool.py encode), not images; FID needs the '
+                           f'pixel images: point it at the image dataset the latents were encoded from')
 
     def __len__(self):
         return len(self.dataset)

@@ -458,3 +458,25 @@ def test_edm2_sampler_argument_errors():
         EpochSampler(5, rank=2, num_replicas=2)
     with pytest.raises(ValueError, match='start_idx'):
         EpochSampler(5, start_idx=-1)
+
+
+def test_images_and_npy_arrays_do_not_mix(tmp_path):
+    """A stray .npy in an image folder (or an image among latents) is an error naming both kinds, not a sample."""
+    for i in range(4):
+        PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f'{i}.png')
+    assert not ImageFolderDataset(str(tmp_path)).holds_arrays
+    np.save(tmp_path / 'x.npy', np.zeros([3, 8, 8], np.uint8))
+    with pytest.raises(DatasetError, match=r'mixes 1 \.npy array\(s\) \(e\.g\. x\.npy\) with 4 image file'):
+        ImageFolderDataset(str(tmp_path))
+    latents = tmp_path / 'latents'
+    latents.mkdir()
+    np.save(latents / 'a.npy', np.zeros([8, 4, 4], np.float32))
+    ds = ImageFolderDataset(str(latents))
+    assert ds.holds_arrays and len(ds) == 1
+
+
+def test_square_pow2_is_the_networks_rule_only(tmp_path):
+    PIL.Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / 'a.png')
+    with pytest.raises(DatasetError, match='square'):
+        ImageFolderDataset(str(tmp_path))
+    assert ImageFolderDataset(str(tmp_path), square_pow2=False).image_shape == [3, 32, 48]

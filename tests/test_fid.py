@@ -386,6 +386,26 @@ def test_unwritable_outputs_and_mixed_sizes_are_flag_errors(image_folder, tmp_pa
     assert r.exit_code != 0 and 'odd.png' in r.output and 'Traceback' not in r.output, r.output
 
 
+@needs_detector
+def test_any_image_size_is_measured_and_latents_are_refused(detector, tmp_path):
+    """As NVlabs fid.py: images of any size (not square, not a power of two) go to the detector, which resizes them;
+    a folder of .npy latents is not a set of images."""
+    odd = tmp_path / 'odd'
+    odd.mkdir()
+    images = _images(3, res=48)[:, :, :40]
+    for i, img in enumerate(images):
+        PIL.Image.fromarray(img).save(odd / f'{i}.png')
+    mu, sigma, n = fid.calculate_inception_stats(str(odd), detector, num_expected=3, num_workers=0)
+    feats = detector(torch.from_numpy(images).permute(0, 3, 1, 2)).double().numpy()
+    assert n == 3 and np.allclose(mu, feats.mean(0), rtol=1e-5, atol=1e-6)
+    latents = tmp_path / 'latents'
+    latents.mkdir()
+    for i in range(3):
+        np.save(latents / f'{i}.npy', np.zeros([8, 4, 4], np.float32))
+    with pytest.raises(fid.FIDError, match='holds .npy arrays'):
+        fid.calculate_inception_stats(str(latents), detector, num_expected=3, num_workers=0)
+
+
 @pytest.fixture(scope='module')
 def gen_setup(tmp_path_factory):
     d = tmp_path_factory.mktemp('gen')

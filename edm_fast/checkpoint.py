@@ -633,8 +633,8 @@ def load_snapshot(path):
     """Everything a snapshot holds: dict(ema, loss_fn, augment_pipe, encoder, dataset_kwargs, extra, format).
 
     `ema` is on the CPU in eval mode; `loss_fn` an edm_fast loss or None; `encoder` an
-    `edm_fast.encoders` object for EDM2 snapshots, else None; `augment_pipe` for now
-    {'class_name': 'AugmentPipe', 'kwargs': {...}} or None; `dataset_kwargs` a dict or None; `extra` what
+    `edm_fast.encoders` object for EDM2 snapshots, else None; `augment_pipe` an `edm_fast.augment.AugmentPipe`
+    (rebuilt from its kwargs) or None; `dataset_kwargs` a dict or None; `extra` what
     `save_snapshot` stored (None for NVlabs pickles); `format` 'nvlabs-pickle' or 'edm_fast'.
     """
     src = _source(path)

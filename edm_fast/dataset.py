@@ -263,10 +263,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                f're-create the dataset with dataset_tool.py')
         labels = {name.replace('\\', '/'): label for name, label in entries}
         image_names = [f.replace('\\', '/') for f in self._image_fnames]
-        unknown = sorted(set(labels) - set(image_names))
-        if unknown:
-            raise DatasetError(f'{where}: labels given for {len(unknown)} file(s) that are not images of the dataset, '
-                               f'e.g. {unknown[0]!r}; remove those entries or restore the images')
+        # Entries for files that are not (or no longer) images of the dataset are ignored, as NVlabs does.
         missing = [f for f in image_names if f not in labels]
         if missing:
             raise DatasetError(f'{where}: {len(missing)} image(s) have no label, e.g. {missing[0]!r}; every image '
@@ -427,15 +424,16 @@ class _Details(dict):
 
 
 def _labels_to_array(values, names, where):
-    """JSON label values -> int64 [n] (all integers >= 0) or float32 [n, D] (all lists of D numbers)."""
+    """JSON label values -> int64 [n] (all integers >= 0; whole floats such as 3.0 count, as NVlabs casts 1-D labels
+    to int64) or float32 [n, D] (all lists of D numbers)."""
     def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
+        return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
 
     def is_number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     if all(is_int(v) for v in values):
-        array = np.array(values, dtype=np.int64)
+        array = np.array([int(v) for v in values], dtype=np.int64)
         if array.size and array.min() < 0:
             i = int(np.argmin(array))
             raise DatasetError(f'{where}: {names[i]!r} has the negative class label {values[i]}; class labels must '
@@ -455,8 +453,9 @@ def _labels_to_array(values, names, where):
         return 'int' if is_int(v) else 'list' if isinstance(v, list) and all(is_number(x) for x in v) else 'other'
 
     kinds = [kind(v) for v in values]
-    if kinds[0] == 'other':
-        raise DatasetError(f'{where}: {names[0]!r} has the label {values[0]!r}; a label must be an integer class '
+    if 'other' in kinds:
+        j = kinds.index('other')
+        raise DatasetError(f'{where}: {names[j]!r} has the label {values[j]!r}; a label must be an integer class '
                            f'index or a list of numbers')
     i = next(i for i, k in enumerate(kinds) if k != kinds[0])
     raise DatasetError(f'{where}: inconsistent label shapes: {names[0]!r} has label {values[0]!r} but {names[i]!r} '

@@ -276,8 +276,7 @@ def test_error_use_labels_without_labels(tmp_path):
 @pytest.mark.parametrize('content, message', [
     ('{"labels": [["00000/img00000000.png", 1],', r'dataset\.json: not valid JSON'),
     ('[1, 2]', r'dataset\.json: expected an object'),
-    ('{"labels": [["00000/img00000000.png", 1], ["00000/img00000001.png", 0], ["00000/ghost.png", 1]]}',
-     r"labels given for 1 file\(s\) that are not images of the dataset, e\.g\. '00000/ghost\.png'"),
+    ('{"labels": [["00000/img00000000.png", 1], ["00000/img00000001.png", 0.5]]}', r"has the label 0\.5"),
     ('{"labels": [["00000/img00000000.png", 1]]}', r"1 image\(s\) have no label, e\.g\. '00000/img00000001\.png'"),
     ('{"labels": [["00000/img00000000.png", 1], ["00000/img00000001.png", [0.5]]]}',
      r"inconsistent label shapes: '00000/img00000000\.png' has label 1 but '00000/img00000001\.png' has \[0\.5\]"),
@@ -480,3 +479,13 @@ def test_square_pow2_is_the_networks_rule_only(tmp_path):
     with pytest.raises(DatasetError, match='square'):
         ImageFolderDataset(str(tmp_path))
     assert ImageFolderDataset(str(tmp_path), square_pow2=False).image_shape == [3, 32, 48]
+
+
+def test_labels_as_nvlabs_reads_them(tmp_path):
+    """Whole floats are class indices (NVlabs casts 1-D labels to int64), and entries for files that are not images
+    of the dataset (a removed image, a stray name) are ignored."""
+    files, _ = _dataset_files(_images(2))
+    files['dataset.json'] = json.dumps({'labels': [['00000/img00000000.png', 2.0], ['00000/img00000001.png', 0.0],
+                                                   ['00000/ghost.png', 1]]})
+    ds = ImageFolderDataset(_write(tmp_path, files, True), use_labels=True)
+    assert ds.label_shape == [3] and ds.get_label(0).tolist() == [0, 0, 1] and ds.get_label(1).tolist() == [1, 0, 0]

@@ -33,7 +33,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import checkpoint, training_state, util
+from . import checkpoint, pickle_import, training_state, util
 from .training_loop import (StopVote, _cpu_mem_gb, _rank_world, _report_memory, _short, _StopFlag,
                             check_ddp_consistency, split_batch)
 from .training_state import TrainingConfigError
@@ -143,22 +143,49 @@ def save_state(run_dir, *, rank, net, optimizer, ema, cur_nimg, total_elapsed_ti
     return path
 
 
+NVLABS_STATE_KEYS = ('state', 'net', 'optimizer', 'ema')  # NVlabs edm2 CheckpointIO (spec §10.5), plus loss_fn
+
+
+def _from_nvlabs_state(data):
+    """An NVlabs edm2 training state (dict of state_dicts; `state` holds cur_nimg and total_elapsed_time) in the
+    layout of save_state. Batch size, world size, seed and network options are not in it: None."""
+    progress = data['state']
+    return dict(format=STATE_FORMAT, version=STATE_VERSION, origin='nvlabs', cur_nimg=int(progress['cur_nimg']),
+                total_elapsed_time=float(progress['total_elapsed_time']), batch_size=None, world=None, seed=None,
+                network_kwargs_json=None, net=data['net'], optimizer=data['optimizer'], ema=data['ema'])
+
+
+def _is_nvlabs_state(data):
+    return isinstance(data, dict) and 'format' not in data and all(k in data for k in NVLABS_STATE_KEYS) \
+        and isinstance(data['state'], dict) and 'cur_nimg' in data['state']
+
+
 def load_state(path, mmap=False):
-    """Read an EDM2 training state written by save_state (weights_only: no code runs).
+    """Read an EDM2 training state: one written by save_state (weights_only: no code runs), or NVlabs edm2's
+    `training-state-*.pt` (read through the allow-listed unpickler of pickle_import, which never runs code; its
+    EasyDict is what weights_only refuses), returned in save_state's layout with origin='nvlabs'.
 
     mmap=True maps the tensors instead of reading them (cheap when only the plain values are needed).
-    Raises TrainingConfigError for a file that is not such a state.
+    Raises TrainingConfigError for a file that is neither.
     """
     try:
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainingConfigError(f'cannot resume from {path}: it is not an edm_fast EDM2 training state ({first}). '
-                                  f'Move it out of the run directory or start a new one') from e
+        try:
+            state = pickle_import.load_torch_file(path)
+        except Exception:
+            state = None
+        if not _is_nvlabs_state(state):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingConfigError(f'cannot resume from {path}: it is not an EDM2 training state of edm_fast or '
+                                      f'NVlabs ({first}). Move it out of the run directory or start a new one') from e
+    if _is_nvlabs_state(state):
+        return _from_nvlabs_state(state)
     if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
-        fmt = state.get('format') if isinstance(state, dict) else type(state).__name__
-        raise TrainingConfigError(f'cannot resume from {path}: it is a {fmt!r} file, not an edm_fast EDM2 training '
-                                  f'state. Move it out of the run directory or start a new one')
+        what = f'a {state["format"]!r} file' if isinstance(state, dict) and state.get('format') else \
+            f'a dict with keys {", ".join(map(str, state))}' if isinstance(state, dict) else f'a {type(state).__name__}'
+        raise TrainingConfigError(f'cannot resume from {path}: it is {what}, not an EDM2 training state of edm_fast '
+                                  f'or NVlabs. Move it out of the run directory or start a new one')
     if state.get('version') != STATE_VERSION:
         raise TrainingConfigError(f'cannot resume from {path}: training-state version {state.get("version")}; this '
                                   f'edm_fast reads version {STATE_VERSION}')
@@ -168,14 +195,14 @@ def load_state(path, mmap=False):
 def check_resume(state, path, *, batch_size, network_kwargs, tracks_ema):
     """Raise TrainingConfigError unless the state at `path` can continue a run with these options (tracks_ema:
     whether the run keeps an EMA, i.e. its ema_kwargs are not False)."""
-    if state['batch_size'] != batch_size:
+    if state['batch_size'] is not None and state['batch_size'] != batch_size:
         raise TrainingConfigError(
             f'{path} was written with batch_size (--batch) = {state["batch_size"]}, this run uses {batch_size}: the '
             f'schedules and data position would not continue; use --batch={state["batch_size"]} or a new run '
             f'directory')
-    saved = json.loads(state['network_kwargs_json'])
+    saved = json.loads(state['network_kwargs_json']) if state['network_kwargs_json'] is not None else None
     current = util.to_jsonable(network_kwargs)
-    if saved != json.loads(json.dumps(current, sort_keys=True)):
+    if saved is not None and saved != json.loads(json.dumps(current, sort_keys=True)):
         raise TrainingConfigError(
             f'{path} was written for a different network ({training_state.describe_differences(saved, current)}); '
             f'resume with the options the run was started with (its training_options.json lists them) or use a new '
@@ -359,14 +386,20 @@ def training_loop(
         state = load_state(resume_path)
         check_resume(state, resume_path, batch_size=batch_size, network_kwargs=network_kwargs,
                      tracks_ema=ema_kwargs is not None)
-        if state['world'] != world:
+        if state['world'] is not None and state['world'] != world:
             warnings.warn(f'{resume_path} was written by {state["world"]} processes and is resumed by {world}: '
                           f'training continues, but the data split and random streams differ from an '
                           f'uninterrupted run')
-        net.load_state_dict(state['net'], strict=True)
-        optimizer.load_state_dict(state['optimizer'])
-        if ema is not None:
-            ema.load_state_dict(state['ema'])
+        try:
+            net.load_state_dict(state['net'], strict=True)
+            optimizer.load_state_dict(state['optimizer'])
+            if ema is not None:
+                ema.load_state_dict(state['ema'])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingConfigError(f'cannot resume from {resume_path}: its network, optimizer or EMA does not fit '
+                                      f'this run ({first}); resume with the options the run was started with or use '
+                                      f'a new run directory') from e
         cur_nimg, total_elapsed_time = state['cur_nimg'], state['total_elapsed_time']
         del state
     start_nimg = cur_nimg

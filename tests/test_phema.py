@@ -379,7 +379,11 @@ def test_foreign_state_in_run_dir_is_refused(run, tmp_path):
     run_dir = tmp_path / 'foreign'
     run_dir.mkdir()
     torch.save(dict(format='edm_fast.training_state', version=1), run_dir / 'training-state-0000010.pt')
-    with pytest.raises(ValueError, match='not an edm_fast EDM2 training state.*new one'):
+    with pytest.raises(ValueError, match=r"it is a 'edm_fast\.training_state' file, not an EDM2 training state of "
+                                         r"edm_fast or NVlabs.*new one"):
+        tl.training_loop(**config(run['data'], run_dir))
+    torch.save(dict(net={}, optimizer={}), run_dir / 'training-state-0000010.pt')
+    with pytest.raises(ValueError, match='it is a dict with keys net, optimizer, not an EDM2 training state'):
         tl.training_loop(**config(run['data'], run_dir))
 
 

@@ -150,16 +150,18 @@ def _cpu_mem_gb():
 
 
 def _report_memory(stats, device, rank):
-    """Report CPU and peak GPU memory to `stats` (rank 0 keeps them), reset the GPU peak; the status-line fields."""
-    stats.report0('Resources/cpu_mem_gb', _cpu_mem_gb(), rank)
+    """Report CPU and peak GPU memory to `stats` (rank 0 keeps them), reset the GPU peak; the status-line fields
+    (cpumem, then gpumem and reserved on CUDA), each the value recorded, read once as NVlabs does."""
+    cpumem = _cpu_mem_gb()
+    stats.report0('Resources/cpu_mem_gb', cpumem, rank)
     if device.type != 'cuda':
-        return []
+        return [f'cpumem {cpumem:<6.2f}']
     gpumem = torch.cuda.max_memory_allocated(device) / 2 ** 30
     reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30
     stats.report0('Resources/peak_gpu_mem_gb', gpumem, rank)
     stats.report0('Resources/peak_gpu_mem_reserved_gb', reserved, rank)
     torch.cuda.reset_peak_memory_stats(device)
-    return [f'gpumem {gpumem:<6.2f}', f'reserved {reserved:<6.2f}']
+    return [f'cpumem {cpumem:<6.2f}', f'gpumem {gpumem:<6.2f}', f'reserved {reserved:<6.2f}']
 
 # ----------------------------------------------------------------------------------------------------
 # One optimisation step, in parts that tests can check against their closed forms.
@@ -409,7 +411,7 @@ def training_loop(
             fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.1f}', f'time {util.format_time(total_s):<12s}',
                       f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
                       f'sec/kimg {(tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3:<7.2f}',
-                      f'maintenance {maintenance_time:<6.1f}', f'cpumem {_cpu_mem_gb():<6.2f}']
+                      f'maintenance {maintenance_time:<6.1f}']
             stats.report0('Progress/tick', cur_tick, rank)
             stats.report0('Progress/kimg', cur_nimg / 1e3, rank)
             stats.report0('Timing/total_sec', total_s, rank)

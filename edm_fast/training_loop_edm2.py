@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, pickle_import, training_state, util
-from .training_loop import (StopVote, _cpu_mem_gb, _rank_world, _report_memory, _short, _StopFlag,
+from .training_loop import (StopVote, _rank_world, _report_memory, _short, _StopFlag,
                             check_ddp_consistency, split_batch)
 from .training_state import TrainingConfigError
 from .training_stats import Collector
@@ -444,7 +444,7 @@ def training_loop(
                 sec_per_kimg = (now - prev_status_time) / max(cur_nimg - prev_status_nimg, 1) * 1e3
                 fields = [f'kimg {cur_nimg / 1e3:<9.1f}', f'time {util.format_time(total_elapsed_time):<12s}',
                           f'sec/tick {now - prev_status_time:<7.1f}', f'sec/kimg {sec_per_kimg:<7.2f}',
-                          f'maintenance {maintenance_time:<6.1f}', f'cpumem {_cpu_mem_gb():<6.2f}']
+                          f'maintenance {maintenance_time:<6.1f}']
                 stats.report0('Progress/kimg', cur_nimg / 1e3, rank)
                 stats.report0('Timing/total_sec', total_elapsed_time, rank)
                 stats.report0('Timing/sec_per_kimg', sec_per_kimg, rank)

@@ -198,6 +198,21 @@ def _load_tensors(net, tensors, src, what, assign=False):
                               f'from its recorded kwargs: {msg}') from e
 
 
+def _keep_gain_dtype(net, tensors):
+    """EDM2: give every MPConv the stored dtype of the learned gains (fp16 in NVlabs' and our fp16 snapshots), so
+    gain / sqrt(fan_in) rounds as in NVlabs, whose snapshot parameters stay fp16 (see MPConv._scale)."""
+    low = {t.dtype for name, t in tensors.items() if name.endswith('_gain') and t.dtype in (torch.float16,
+                                                                                            torch.bfloat16)}
+    if not low:
+        return net
+    from .networks_edm2 import MPConv
+    dtype = torch.float16 if torch.float16 in low else torch.bfloat16
+    for m in net.modules():
+        if isinstance(m, MPConv):
+            m.gain_dtype = dtype
+    return net
+
+
 def _build_and_load(cls, kwargs, tensors, src, what):
     """`cls(**kwargs)` holding `tensors` (its state dict; strict).
 
@@ -216,10 +231,10 @@ def _build_and_load(cls, kwargs, tensors, src, what):
                 for k, t in tensors.items()}
         _load_tensors(net, cast, src, what, assign=True)
         if not any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):
-            return net
+            return _keep_gain_dtype(net, tensors)
     net = _construct(cls, kwargs, src, what)
     _load_tensors(net, tensors, src, what)
-    return net
+    return _keep_gain_dtype(net, tensors)
 
 
 def _network_from_record(record, src, what='ema'):
@@ -612,7 +627,8 @@ def _finish(net, device, train=False):
 def load_network(path, device='cpu'):
     """The preconditioned network (edm_fast module) of a checkpoint, in eval mode without gradients.
 
-    Accepts NVlabs EDM/EDM2 network pickles (its 'ema'; EDM2 fp16 tensors become fp32 parameters), NVlabs EDM
+    Accepts NVlabs EDM/EDM2 network pickles (its 'ema'; EDM2 fp16 tensors become fp32 parameters, and the learned
+    gains divide in fp16 as NVlabs does with its fp16 parameters: MPConv._scale), NVlabs EDM
     training states (its 'net') and edm_fast snapshots of EDM and EDM2 networks.
     """
     src = _source(path)

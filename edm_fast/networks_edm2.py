@@ -131,6 +131,7 @@ class MPConv(torch.nn.Module):
     """
 
     cache_weights = True
+    gain_dtype = None  # set per instance by the snapshot loaders: see _scale
 
     def __init__(self, in_channels, out_channels, kernel):
         super().__init__()
@@ -142,6 +143,14 @@ class MPConv(torch.nn.Module):
         state = super().__getstate__().copy()
         state.pop('_weight_cache', None)
         return state
+
+    def _scale(self, gain, fan_in):
+        """gain / sqrt(fan_in). NVlabs divides a tensor gain in its parameter's dtype: fp32 in training, fp16 when
+        sampling from any EDM2 snapshot (saved with module.to(float16)). The loaders keep parameters in fp32, so they
+        set gain_dtype to the stored dtype and the quotient is rounded as NVlabs rounds it."""
+        if isinstance(gain, torch.Tensor) and self.gain_dtype is not None:
+            gain = gain.to(self.gain_dtype)
+        return gain / np.sqrt(fan_in)
 
     def _cached_weight(self, gain, dtype):
         """The weight as the forward uses it, from the cache when possible; None when it must be recomputed."""
@@ -163,13 +172,13 @@ class MPConv(torch.nn.Module):
         if cache is None or cache[0] != key:
             w = normalize(weight.to(torch.float32))
             if gain_key != 'tensor':  # the whole weight, exactly as the uncached path computes it
-                w = (w * (gain / np.sqrt(w[0].numel()))).to(dtype)
+                w = (w * self._scale(gain, w[0].numel())).to(dtype)
             # Holding the storage keeps its address from being reused by another tensor while cached.
             cache = (key, storage, w)
             self.__dict__['_weight_cache'] = cache
         w = cache[2]
         if gain_key == 'tensor':
-            w = (w * (gain / np.sqrt(w[0].numel()))).to(dtype)
+            w = (w * self._scale(gain, w[0].numel())).to(dtype)
         return w
 
     def clear_cache(self):
@@ -182,7 +191,7 @@ class MPConv(torch.nn.Module):
         if frozen is None or self.training:
             return None
         if self.frozen_key is None:  # normalised fp32 weight; the gain is applied per call, as uncached
-            return (frozen * (gain / np.sqrt(frozen[0].numel()))).to(dtype)
+            return (frozen * self._scale(gain, frozen[0].numel())).to(dtype)
         if dtype == self.frozen_key[0] and isinstance(gain, (int, float)) and float(gain) == self.frozen_key[1]:
             return frozen
         return None
@@ -197,7 +206,7 @@ class MPConv(torch.nn.Module):
                 with torch.no_grad():
                     self.weight.copy_(normalize(w))  # forced weight normalisation (w aliases the fp32 parameter)
             w = normalize(w)  # traditional weight normalisation
-            w = w * (gain / np.sqrt(w[0].numel()))  # magnitude-preserving scaling
+            w = w * self._scale(gain, w[0].numel())  # magnitude-preserving scaling
             w = w.to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()

@@ -2,7 +2,7 @@
 # One script for a lent GPU machine: install, build the CUDA extension, run the GPU tests and the benchmarks,
 # and leave everything under $OUT (at most a few files: logs, a results tarball, the demo snapshot).
 #
-#   bench/gpu_run.sh build tests bench-kernels bench-model bench-sample bench-edm2 sweep det-a det-b fid demo:SECONDS
+#   bench/gpu_run.sh build tests core headline bench-kernels bench-model bench-sample bench-edm2 sweep det-a det-b fid demo:SECONDS
 #
 # Stages run in the order given; each one logs to $OUT/run.log and a failing stage does not stop the next.
 # `demo:SECONDS` trains the built-in demo model in the background (from the start of the script) for that long.
@@ -96,6 +96,24 @@ for stage in "$@"; do
         --batches 64 --quick --out "$R" > "$OUT/b_m2.log" 2>&1; say "model adm exit $?"
       timeout 90 python -m bench.bench_sample --models ddpmpp-cifar10 --out "$R" > "$OUT/b_s.log" 2>&1; say "sample exit $?"
       for f in b_gn b_rs b_at b_m1 b_m2 b_s; do tail -n 14 "$OUT/$f.log" | tee -a "$LOG"; done
+      ;;
+    core)
+      # What a 15-minute lease can hold in one call (about 8 minutes; no CUDA build: the fused ops run through
+      # Triton and SDPA): the harness check, the GroupNorm and resampling kernels, the DDPM++ CIFAR-10 training rate
+      # (network and whole step) and NFE-35 sampling rate against the NVlabs-style reference, ADM forward MFU.
+      say "core benchmarks (15-minute lease)"
+      R="$OUT/results"
+      timeout 40 python -m pytest -q -m gpu -p no:cacheprovider bench/test_harness.py > "$OUT/harness.log" 2>&1
+      say "harness check exit $?: $(tail -n 1 "$OUT/harness.log")"
+      timeout 50 python -m bench.bench_group_norm --quick --providers reference,reference-compiled,triton --out "$R" \
+        > "$OUT/b_gn.log" 2>&1; say "group_norm exit $?"
+      timeout 40 python -m bench.bench_resample --quick --out "$R" > "$OUT/b_rs.log" 2>&1; say "resample exit $?"
+      timeout 200 python -m bench.bench_model --models ddpmpp-cifar10 --providers reference,fast-bf16 \
+        --modes train,step --batches 512 --quick --out "$R" > "$OUT/b_m1.log" 2>&1; say "model ddpmpp exit $?"
+      timeout 100 python -m bench.bench_sample --models ddpmpp-cifar10 --out "$R" > "$OUT/b_s.log" 2>&1; say "sample exit $?"
+      timeout 60 python -m bench.bench_model --models adm-imagenet64 --providers reference-fp16,fast-bf16 --modes forward \
+        --batches 64 --quick --out "$R" > "$OUT/b_m2.log" 2>&1; say "model adm exit $?"
+      for f in b_gn b_rs b_m1 b_s b_m2; do tail -n 14 "$OUT/$f.log" | tee -a "$LOG"; done
       ;;
     bench-edm2)
       # EDM2-S ImageNet-64: network forward/train and 32-step sampling, NVlabs-style reference vs the fast path.

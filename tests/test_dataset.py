@@ -489,3 +489,27 @@ def test_labels_as_nvlabs_reads_them(tmp_path):
                                                    ['00000/ghost.png', 1]]})
     ds = ImageFolderDataset(_write(tmp_path, files, True), use_labels=True)
     assert ds.label_shape == [3] and ds.get_label(0).tolist() == [0, 0, 1] and ds.get_label(1).tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize('as_zip', [False, True])
+def test_check_shapes_reads_headers(tmp_path, as_zip):
+    """The header scan (the fast IHDR path for 8-bit gray/RGB PNGs, PIL for other files) names the first misfit and
+    counts them; palette and 16-bit PNGs are read through PIL and refused by mode."""
+    def encode(image, fmt='png'):
+        buf = io.BytesIO()
+        (image if isinstance(image, PIL.Image.Image) else PIL.Image.fromarray(image)).save(buf, format=fmt)
+        return buf.getvalue()
+    png = encode
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    files = {f'{i}.png': png(rgb) for i in range(3)}
+    files['3.jpg'] = encode(rgb, 'jpeg')
+    ImageFolderDataset(_write(tmp_path / 'ok', files, as_zip)).check_shapes()
+    cases = [({'4.png': png(np.zeros((8, 8), np.uint8))}, r'4\.png: image is 8x8 with 1 channel\(s\).*\(1 of 5'),
+             ({'4.png': png(np.zeros((16, 8, 3), np.uint8)), '5.png': png(np.zeros((8, 4, 3), np.uint8))},
+              r'4\.png: image is 8x16 with 3 channel\(s\).*\(2 of 6'),
+             ({'4.png': png(PIL.Image.fromarray(rgb).convert('P'))}, r"4\.png: image mode 'P'"),
+             ({'4.png': png(np.zeros((8, 8), np.uint16))}, r"4\.png: image mode 'I;16'")]
+    for k, (extra, message) in enumerate(cases):
+        ds = ImageFolderDataset(_write(tmp_path / f'bad{k}', {**files, **extra}, as_zip))
+        with pytest.raises(DatasetError, match=message):
+            ds.check_shapes()

@@ -423,18 +423,22 @@ def save_snapshot(path, ema, loss_fn=None, augment_pipe=None, dataset_kwargs=Non
     `ema`: the network (an edm_fast preconditioner, EDM or EDM2). `loss_fn`: an edm_fast loss or None.
     `encoder`: an `edm_fast.encoders` object (EDM2) or None. `augment_pipe`:
     None, an object with `init_kwargs`, or {'class_name': ..., 'kwargs': {...}}. `dataset_kwargs` and
-    `extra` (e.g. {'kimg': 200}): JSON-serialisable dicts. `dtype=torch.float16` (or bfloat16) stores every
-    floating-point tensor, parameters and buffers alike (EDM2's Fourier frequencies and phases), in that dtype,
-    as NVlabs' `module.to(torch.float16)` snapshots do, so a snapshot computes what NVlabs' snapshot of the
-    same weights computes; loading casts them back to fp32.
+    `extra` (e.g. {'kimg': 200}): JSON-serialisable dicts. `dtype=torch.float16` (or bfloat16) stores the
+    floating-point parameters in that dtype, and for EDM2 networks the buffers too (the Fourier frequencies and
+    phases), as NVlabs' `module.to(torch.float16)` snapshots do, so a snapshot computes what NVlabs' snapshot of
+    the same weights computes (EDM networks keep their buffers, such as the iDDPM sigma table, in their own
+    dtype: NVlabs never stores those in fp16); loading casts them back to fp32.
     """
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f'dtype must be None, torch.float16, torch.bfloat16 or torch.float32, got {dtype}')
     net, net_spec = _module_spec(ema, 'ema')
+    cast = {name for name, _ in net.named_parameters()}
+    if type(net).__name__ in EDM2_PRECOND_CLASSES:
+        cast |= {name for name, _ in net.named_buffers()}
     tensors = {}
     for name, t in net.state_dict().items():
         t = t.detach()
-        if dtype is not None and t.is_floating_point():
+        if dtype is not None and name in cast and t.is_floating_point():
             t = t.to(dtype)
         tensors[f'ema.{name}'] = t
 

@@ -20,12 +20,11 @@ from edm_fast.cli_options import parse_seeds  # noqa: F401  (part of this script
 def check_outdir(outdir):
     try:
         os.makedirs(outdir, exist_ok=True)
-        probe = os.path.join(outdir, f'.write-test-{os.getpid()}')
-        with open(probe, 'wb'):
-            pass
-        os.remove(probe)
     except OSError as e:
-        raise click.BadParameter(f'cannot write to {outdir!r}: {e.strerror}', param_hint="'--outdir'")
+        raise click.BadParameter(f'cannot create {outdir!r}: {e.strerror}', param_hint="'--outdir'")
+    error = cli_options.write_probe(outdir)
+    if error:
+        raise click.BadParameter(f'cannot write to {outdir!r}: {error}', param_hint="'--outdir'")
 
 
 def demo_grid_path(outdir):

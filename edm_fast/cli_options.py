@@ -3,6 +3,7 @@
 Also the loading of the networks those options name, so both commands report the same one-line errors.
 """
 
+import math
 import re
 
 import click
@@ -10,19 +11,44 @@ import click
 from .checkpoint import CheckpointError, load_network, load_snapshot
 
 
+class Number(click.FloatRange):
+    """A float within optional bounds that is not NaN, nor infinite unless allow_inf (click.FloatRange lets 'nan' and
+    'inf' through, and they fail later with a traceback)."""
+
+    def __init__(self, *args, allow_inf=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.allow_inf = allow_inf
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
+            self.fail(f'{value!r} is not a finite number', param, ctx)
+        return number
+
+
+MAX_SEED = (1 << 32) - 1  # a seed is a 32-bit generator seed (NVlabs seeds with seed % 2**32)
+MAX_SEEDS = 100_000_000  # per command: FID takes 50,000; far more is a typo, and the list would exhaust memory
+
+
 def parse_seeds(ctx, param, value):
     """'0-63,100,200-210' -> [0, ..., 63, 100, 200, ..., 210] (ranges inclusive); None stays None."""
     if value is None or isinstance(value, list):
         return value
-    seeds = []
+    parts = []
     for part in str(value).split(','):
         m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
         if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
             raise click.BadParameter(f'{value!r}: expected a comma-separated list of non-negative integers and '
                                      f'inclusive ranges a-b with a <= b, e.g. 0-63,100,200-210')
-        first = int(m.group(1))
-        seeds.extend(range(first, int(m.group(2)) + 1) if m.group(2) is not None else [first])
-    return seeds
+        first, last = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        if last > MAX_SEED:
+            raise click.BadParameter(f'{value!r}: seed {last} is above {MAX_SEED}; seeds are 32-bit generator seeds')
+        parts.append((first, last))
+    count = sum(last - first + 1 for first, last in parts)
+    if count > MAX_SEEDS:
+        raise click.BadParameter(f'{value!r}: {count:,} seeds; at most {MAX_SEEDS:,} per command (FID needs 50,000: '
+                                 f'0-49999)')
+    return [s for first, last in parts for s in range(first, last + 1)]
 
 
 def parse_device(ctx, param, value):
@@ -58,8 +84,26 @@ def check_output_file(path, param_hint):
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise click.BadParameter(f'cannot create the folder of {path!r}: {e.strerror}', param_hint=param_hint)
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if os.path.exists(path) and not os.access(path, os.W_OK):
         raise click.BadParameter(f'cannot write {path!r}: permission denied', param_hint=param_hint)
+    error = write_probe(folder)
+    if error:
+        raise click.BadParameter(f'cannot write {path!r}: {error}', param_hint=param_hint)
+
+
+def write_probe(folder):
+    """Create and remove a hidden temporary file in `folder` as the final write will (a temporary file renamed into
+    place); None when that works, else the reason. Permission bits alone do not tell (root, /proc, read-only
+    mounts, full disks)."""
+    import os
+    import tempfile
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix='.write-test-')
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def device_option(help='Device  [default: cuda if available, else cpu]'):
@@ -74,14 +118,14 @@ SAMPLER_OPTIONS = [
     click.option('--steps', 'num_steps', help='Number of sampling steps  [default: 18 (EDM), 32 (EDM2)]', metavar='INT',
                  type=click.IntRange(min=2)),
     click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT',
-                 type=click.FloatRange(min=0, min_open=True)),
+                 type=Number(min=0, min_open=True)),
     click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT',
-                 type=click.FloatRange(min=0, min_open=True)),
-    click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7),
-    click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0),
-    click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0),
-    click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf'),
-    click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1),
+                 type=Number(min=0, min_open=True)),
+    click.option('--rho', help='Time step exponent', metavar='FLOAT', type=Number(min=0, min_open=True), default=7),
+    click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=Number(min=0), default=0),
+    click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=Number(min=0), default=0),
+    click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=Number(min=0, allow_inf=True), default='inf'),
+    click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=Number(), default=1),
     click.option('--solver', help='Ablate ODE solver', metavar='euler|heun', type=click.Choice(['euler', 'heun'])),
     click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm',
                  type=click.Choice(['vp', 've', 'iddpm', 'edm'])),
@@ -94,7 +138,7 @@ GUIDANCE_OPTIONS = [
     click.option('--gnet', 'gnet_path', help='EDM2 guiding network: unconditional (CFG) or weaker (autoguidance)',
                  metavar='PATH'),
     click.option('--guidance', help='EDM2 guidance strength (1 = off)  [default: 1]', metavar='FLOAT',
-                 type=click.FloatRange(min=0)),
+                 type=Number(min=0)),
     click.option('--vae', 'vae_path', help='Local Stable Diffusion VAE (diffusers AutoencoderKL dir) for latent EDM2 nets',
                  metavar='DIR'),
 ]

@@ -45,6 +45,7 @@ import json
 import os
 import time
 import warnings
+import zipfile
 
 import click
 import numpy as np
@@ -145,7 +146,7 @@ def load_stats(path, what='--ref'):
                 raise FIDError(f'{what} {path} holds {sorted(data.files)}, not the keys mu and sigma of FID reference '
                                f'statistics; make one with `python fid.py ref`')
             mu, sigma = data['mu'], data['sigma']
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise FIDError(f'{what} {path}: cannot read it as .npz ({e}); the file is corrupt or not FID statistics') from e
     if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
         raise FIDError(f'{what} {path}: mu has shape {mu.shape} and sigma {sigma.shape}, expected ({FEATURE_DIM},) and '
@@ -206,7 +207,7 @@ class _NpzImages(torch.utils.data.Dataset):
                     raise FIDError(f'{path} has no arr_0 array of images{hint}; expected uint8 [N, H, W, C] as '
                                    f'`sample.py --npz` writes')
                 arr = data['arr_0']
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise FIDError(f'{path}: cannot read it as .npz ({e}); the file is corrupt or incomplete') from e
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
             raise FIDError(f'{path}: arr_0 is {arr.dtype} {list(arr.shape)}, expected uint8 [N, H, W, C] with C = 1 '

@@ -145,7 +145,7 @@ class ImageCount(click.ParamType):
 
 
 def parse_int_list(ctx, param, value):
-    """'1,2,2,2' or '1-3,4' -> list of ints (None stays None)."""
+    """'1,2,2,2' or '1-3,4' -> list of positive ints (None stays None): the channel multiplier per resolution."""
     if value is None or isinstance(value, list):
         return value
     out = []
@@ -154,6 +154,9 @@ def parse_int_list(ctx, param, value):
         if not m:
             raise click.BadParameter(f'{value!r}: expected comma-separated integers or ranges a-b')
         out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m.group(2) else [int(m.group(1))])
+    if not out or min(out) < 1 or len(out) > 16:
+        raise click.BadParameter(f'{value!r}: expected 1 to 16 channel multipliers, each at least 1 (one per '
+                                 f'resolution, e.g. 2,2,2)')
     return out
 
 
@@ -169,18 +172,18 @@ def parse_int_list(ctx, param, value):
 @click.option('--batch', help='Total batch size  [default: 512; EDM2: preset]', metavar='NIMG', type=ImageCount(min=1),
               default=512, show_default=False)
 @click.option('--batch-gpu', help='Limit batch size per GPU, 0 = no limit', metavar='NIMG', type=ImageCount(min=0))
-@click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=int)
+@click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', callback=parse_int_list)
 @click.option('--lr', help='Learning rate (EDM2: ref_lr)  [default: 1e-3; EDM2: preset]', metavar='FLOAT',
-              type=click.FloatRange(min=0, min_open=True))
-@click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5)
+              type=cli_options.Number(min=0, min_open=True))
+@click.option('--ema', help='EMA half-life', metavar='MIMG', type=cli_options.Number(min=0), default=0.5)
 @click.option('--dropout', help='Dropout probability  [default: 0.13; EDM2: preset]', metavar='FLOAT',
-              type=click.FloatRange(min=0, max=1))
-@click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.12)
+              type=cli_options.Number(min=0, max=1))
+@click.option('--augment', help='Augment probability', metavar='FLOAT', type=cli_options.Number(min=0, max=1), default=0.12)
 @click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False)
 # Performance-related (NVlabs).
 @click.option('--fp16', help='Enable mixed-precision training  [default: False; EDM2: True]', metavar='BOOL', type=bool)
-@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1)
+@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=cli_options.Number(min=0, min_open=True), default=1)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
 @click.option('--cache', help='Cache dataset in CPU memory  [default: True; EDM2: False]', metavar='BOOL', type=bool)
 @click.option('--workers', help='DataLoader worker processes  [default: 1; EDM2: 2]', metavar='INT',
@@ -188,10 +191,10 @@ def parse_int_list(ctx, param, value):
 # I/O-related.
 @click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
 @click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
-@click.option('--tick', help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50)
+@click.option('--tick', help='How often to print progress', metavar='KIMG', type=cli_options.Number(min=0, min_open=True), default=50)
 @click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50)
 @click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500)
-@click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=int)
+@click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=click.IntRange(0, (1 << 31) - 1))
 @click.option('--transfer', help='Transfer learning from network pickle or snapshot', metavar='PKL', type=str)
 @click.option('--resume', help='Resume from a training state or a run directory', metavar='PT|DIR', type=str)
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
@@ -206,9 +209,9 @@ def parse_int_list(ctx, param, value):
 @click.option('--channels', help='EDM2 channel multiplier  [default: preset]', metavar='INT', type=click.IntRange(min=64))
 @click.option('--P_mean', 'P_mean', help='EDM2 noise level mean  [default: preset]', metavar='FLOAT', type=float)
 @click.option('--P_std', 'P_std', help='EDM2 noise level standard deviation  [default: preset]', metavar='FLOAT',
-              type=click.FloatRange(min=0, min_open=True))
+              type=cli_options.Number(min=0, min_open=True))
 @click.option('--decay', help='EDM2 learning-rate decay (ref_batches)  [default: preset]', metavar='BATCHES',
-              type=click.FloatRange(min=0))
+              type=cli_options.Number(min=0))
 @click.option('--status', help='EDM2 interval of status prints, 0 = none', metavar='NIMG', type=ImageCount(),
               default='128Ki')
 @click.option('--snapshot', help='EDM2 interval of network snapshots, 0 = none', metavar='NIMG', type=ImageCount(),
@@ -216,7 +219,7 @@ def parse_int_list(ctx, param, value):
 @click.option('--checkpoint', help='EDM2 interval of training checkpoints, 0 = none', metavar='NIMG', type=ImageCount(),
               default='128Mi')
 @click.option('--lr-rampup', 'lr_rampup', help='Learning-rate ramp-up (NVlabs fixes it at 10000)', metavar='KIMG',
-              type=click.FloatRange(min=0), default=10000)
+              type=cli_options.Number(min=0), default=10000)
 @click.pass_context
 def main(ctx, **opts):
     """Train diffusion-based generative model using the techniques described in the paper
@@ -242,9 +245,10 @@ def run_edm(opts, explicit):
         raise click.UsageError(f'--{edm2_only[0]} is an EDM2 option: it needs --preset')
     try:
         opts['duration'] = 200.0 if opts['duration'] is None else float(opts['duration'])
-        assert opts['duration'] > 0
+        assert 0 < opts['duration'] < 1e9
     except (ValueError, AssertionError):
-        raise click.BadParameter(f'{opts["duration"]!r}: expected a positive number of Mimg', param_hint="'--duration'")
+        raise click.BadParameter(f'{opts["duration"]!r}: expected a positive, finite number of Mimg',
+                                 param_hint="'--duration'")
     return run(dict(opts))
 
 

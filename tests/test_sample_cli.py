@@ -37,6 +37,11 @@ def test_parse_seeds():
     for bad in ('1-', '5-3', 'a', '1,,2', '-1'):
         with pytest.raises(Exception, match='expected a comma-separated list'):
             sample.parse_seeds(None, None, bad)
+    assert sample.parse_seeds(None, None, '4294967295') == [2 ** 32 - 1]
+    for bad, words in [('4294967296', 'above 4294967295'), ('0-99999999999', 'above 4294967295'),
+                       ('0-99999999,200000000-200000001', 'at most 100,000,000')]:
+        with pytest.raises(Exception, match=words):  # not a MemoryError building the list
+            sample.parse_seeds(None, None, bad)
 
 
 def test_pngs_grid_npz(snapshots, tmp_path):

@@ -20,6 +20,7 @@ import sys
 
 import click
 
+from edm_fast import cli_options
 from edm_fast.dataset_tool import TRANSFORMS, DatasetToolError, convert_dataset, encode_dataset, parse_resolution
 
 
@@ -167,8 +168,8 @@ in the local Hugging Face cache.
 @click.option('--dest', help='Output directory or archive name', metavar='PATH', type=str, required=True)
 @click.option('--max-images', help='Maximum number of images to output', metavar='INT', type=click.IntRange(min=1),
               default=None)
-@click.option('--device', help='Where the VAE runs  [default: cuda if available, else cpu]', metavar='DEVICE',
-              type=str, default=None)
+@click.option('--device', help='Where the VAE runs  [default: cuda if available, else cpu]', metavar='cpu|cuda[:N]',
+              callback=cli_options.parse_device, default=None)
 @click.option('--batch', 'batch_size', help='Images per VAE call', metavar='INT', type=click.IntRange(min=1),
               default=1, show_default=True)
 def encode(model_url, source, dest, max_images, device, batch_size):

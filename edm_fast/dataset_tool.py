@@ -423,8 +423,11 @@ class _Destination:
             if os.path.isdir(dest):
                 raise DatasetToolError(f'{dest}: --dest names a directory; give a .zip file name or a directory '
                                        f'without the .zip ending')
-            os.makedirs(parent, exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(prefix=f'.{base}.', suffix='.tmp', dir=parent)
+            try:
+                os.makedirs(parent, exist_ok=True)
+                fd, self.tmp = tempfile.mkstemp(prefix=f'.{base}.', suffix='.tmp', dir=parent)
+            except OSError as e:
+                raise DatasetToolError(f'{dest}: cannot write there ({e.strerror}); choose another --dest') from e
             os.close(fd)
             self.zip = zipfile.ZipFile(self.tmp, mode='w', compression=zipfile.ZIP_STORED)
         else:
@@ -434,8 +437,11 @@ class _Destination:
             if os.path.isdir(dest) and os.listdir(dest):
                 raise DatasetToolError(f'{dest}: --dest folder must be empty; remove its contents or choose '
                                        f'another folder')
-            os.makedirs(parent, exist_ok=True)
-            self.tmp = tempfile.mkdtemp(prefix=f'.{base}.', suffix='.tmp', dir=parent)
+            try:
+                os.makedirs(parent, exist_ok=True)
+                self.tmp = tempfile.mkdtemp(prefix=f'.{base}.', suffix='.tmp', dir=parent)
+            except OSError as e:
+                raise DatasetToolError(f'{dest}: cannot write there ({e.strerror}); choose another --dest') from e
 
     def write(self, fname, data):
         if isinstance(data, str):

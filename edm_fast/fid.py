@@ -55,7 +55,7 @@ import torch
 from . import cli_options, distributed, generate, inception
 from .dataset import DatasetError, ImageFolderDataset
 from .inception import DetectorError
-from .util import atomic_write
+from .util import atomic_write, one_line
 
 __all__ = ['FIDError', 'FeatureStats', 'frechet_distance', 'load_stats', 'save_stats', 'open_images',
            'calculate_inception_stats', 'generate_inception_stats', 'metric_name', 'main']
@@ -362,7 +362,8 @@ RESULT_OPTIONS = [
 def _fail(e, hint=None):
     if isinstance(e, click.ClickException):
         raise e
-    raise click.BadParameter(str(e), param_hint=hint) if hint else click.ClickException(str(e))
+    message = one_line(e)  # an error from a DataLoader worker carries the worker's traceback in its text
+    raise click.BadParameter(message, param_hint=hint) if hint else click.ClickException(message)
 
 
 def _setup(device, detector_path, precision):

@@ -30,23 +30,11 @@ from .encoders import VAEUnavailableError
 from .training_loop import training_loop
 from .training_loop_edm2 import parse_nimg
 from .training_state import TrainingConfigError
+from .util import one_line
 
 # The project's errors for mistakes a user can cause: each message names the problem and the fix, so the CLI shows it
 # as a one-line error instead of a traceback. Anything else (a bug) keeps its traceback.
 USER_ERRORS = (DatasetError, CheckpointError, TrainingConfigError, VAEUnavailableError)
-
-
-def one_line(error):
-    """The message of a user error on one line. An error re-raised from a DataLoader worker carries the worker's
-    traceback in its message ('Caught DatasetError in DataLoader worker ...'); its last line is the message.
-    Other multi-line messages are joined."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if len(lines) > 1 and lines[0].startswith('Caught '):
-        m = re.fullmatch(r'[\w.]*(?:Error|Exception|Warning)\w*: (.*)', lines[-1])
-        return m.group(1) if m else lines[-1]
-    return ' '.join(lines)
 
 
 @contextlib.contextmanager

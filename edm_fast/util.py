@@ -204,3 +204,17 @@ def atomic_write(path, write, durable=True):
         except OSError:
             pass
     return path
+
+
+def one_line(error):
+    """The message of a user error on one line. An error re-raised from a DataLoader worker carries the worker's
+    traceback in its message ('Caught DatasetError in DataLoader worker ...'); its last line is the message.
+    Other multi-line messages are joined."""
+    import re
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 1 and lines[0].startswith('Caught '):
+        m = re.fullmatch(r'[\w.]*(?:Error|Exception|Warning)\w*: (.*)', lines[-1])
+        return m.group(1) if m else lines[-1]
+    return ' '.join(lines)

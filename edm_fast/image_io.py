@@ -29,6 +29,25 @@ def save_png(image_hwc, path):
     atomic_write(path, lambda f: to_pil(image_hwc).save(f, format='PNG'), durable=False)
 
 
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+_PNG_END = b'\x00\x00\x00\x00IEND\xaeB`\x82'  # the empty IEND chunk every complete PNG ends with
+
+
+def is_complete_png(path):
+    """Whether `path` starts and ends as a whole PNG does (reads 20 bytes): our writes are atomic, but a PNG put
+    there by another program that was killed, or by a full disk, can be cut short."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(8)
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 8 + 12:
+                return False
+            f.seek(-12, os.SEEK_END)
+            return head == _PNG_SIGNATURE and f.read(12) == _PNG_END
+    except OSError:
+        return False
+
+
 def read_png(path):
     """uint8 [H, W, C] of a PNG written by save_png (C = 1 for mode 'L')."""
     with PIL.Image.open(path) as im:

@@ -149,6 +149,8 @@ def _plan(outdir, seeds, subdirs, wanted, resume):
             pending.add(s)
         elif pending_since is not None and os.stat(image_io.image_path(outdir, s, subdirs)).st_mtime_ns < pending_since:
             pending.add(s)  # may still be the image a killed plain run was replacing
+        elif resume and not image_io.is_complete_png(image_io.image_path(outdir, s, subdirs)):
+            pending.add(s)  # cut short (not by us: our writes are atomic): generate it again
         elif resume:
             done.add(s)
     if resume and stale:

@@ -110,9 +110,9 @@ def check_outdir(path, flag='--outdir'):
     if not os.path.isdir(parent):
         raise click.ClickException(f'{flag}={path} cannot be created: {parent} is a file, not a directory; choose '
                                    f'another {flag}')
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise click.ClickException(f'{flag}={path} cannot be written: no write permission in {parent}; choose another '
-                                   f'{flag}')
+    error = cli_options.write_probe(parent)
+    if error:
+        raise click.ClickException(f'{flag}={path} cannot be written: {error} in {parent}; choose another {flag}')
 
 
 class ImageCount(click.ParamType):

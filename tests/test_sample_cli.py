@@ -188,6 +188,21 @@ def test_resume_generates_only_the_missing_seeds(snapshots, tmp_path):
     assert np.array_equal(np.delete(a['arr_0'], 2, 0), np.delete(b['arr_0'], 2, 0)) and not b['arr_0'][2].any()
 
 
+def test_resume_regenerates_a_png_cut_short(snapshots, tmp_path):
+    """A PNG cut short by another program (our writes are atomic) is generated again by --resume, and the grid is
+    made of whole images (was an OSError traceback reading it back)."""
+    full, out = tmp_path / 'full', tmp_path / 'out'
+    args = ['--network', snapshots[0], '--seeds', '0-3', '--batch', '2']
+    assert invoke(*args, '--outdir', str(full)).exit_code == 0
+    assert invoke(*args, '--outdir', str(out)).exit_code == 0
+    data = (out / '000002.png').read_bytes()
+    (out / '000002.png').write_bytes(data[:len(data) // 2])
+    r = invoke(*args, '--outdir', str(out), '--resume', '--grid', str(tmp_path / 'g.png'))
+    assert r.exit_code == 0, r.output
+    assert 'Generated 1 images' in r.output, r.output
+    assert (out / '000002.png').read_bytes() == (full / '000002.png').read_bytes()
+
+
 def test_resume_with_every_image_present_samples_nothing(snapshots, tmp_path):
     args = ['--network', snapshots[1], '--outdir', str(tmp_path), '--seeds', '0-2']
     assert invoke(*args).exit_code == 0

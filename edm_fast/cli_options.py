@@ -116,7 +116,7 @@ BATCH_OPTION = click.option('--batch', 'max_batch_size', help='Maximum batch siz
 SAMPLER_OPTIONS = [
     click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0)),
     click.option('--steps', 'num_steps', help='Number of sampling steps  [default: 18 (EDM), 32 (EDM2)]', metavar='INT',
-                 type=click.IntRange(min=2)),
+                 type=click.IntRange(min=2, max=100_000)),
     click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT',
                  type=Number(min=0, min_open=True)),
     click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT',

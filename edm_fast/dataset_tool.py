@@ -402,8 +402,9 @@ def parse_resolution(value):
         if not m:
             raise DatasetToolError(f'cannot parse resolution {value!r}; use WxH, e.g. --resolution=64x64')
         w, h = int(m.group(1)), int(m.group(2))
-    if w <= 0 or h <= 0:
-        raise DatasetToolError(f'resolution {w}x{h} must be positive, e.g. --resolution=64x64')
+    if w <= 0 or h <= 0 or w > 16384 or h > 16384:
+        raise DatasetToolError(f'resolution {w}x{h} must be positive and at most 16384x16384, e.g. '
+                               f'--resolution=64x64')
     return w, h
 
 

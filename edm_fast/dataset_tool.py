@@ -412,6 +412,17 @@ def parse_resolution(value):
 # Destinations, written under a temporary name and renamed when complete.
 
 
+def _check_dest(source, dest):
+    """--dest must be named and must not be --source or inside it: the new dataset replaces --dest when complete, so
+    the source would be lost (or read while it is written)."""
+    if dest == '':
+        raise DatasetToolError('--dest must not be empty: give an output .zip file name or directory')
+    src, dst = os.path.realpath(source), os.path.realpath(dest)
+    if dst == src or (os.path.isdir(src) and dst.startswith(src.rstrip(os.sep) + os.sep)):
+        raise DatasetToolError(f'--dest={dest} is --source={source} or inside it; writing there would replace or '
+                               f'change the source: choose another --dest')
+
+
 class _Destination:
     """Collects files for a zip (ZIP_STORED) or a directory; `commit()` moves the result into place."""
 
@@ -508,8 +519,7 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
     Raises DatasetToolError for anything the user can fix (the message says what).
     """
     source, dest = os.fspath(source), os.fspath(dest)
-    if dest == '':
-        raise DatasetToolError('--dest must not be empty: give an output .zip file name or directory')
+    _check_dest(source, dest)
     if max_images is not None and max_images < 1:
         raise DatasetToolError(f'--max-images={max_images} must be at least 1')
     width, height = parse_resolution(resolution) or (None, None)
@@ -604,8 +614,7 @@ def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_imag
 
     from . import encoders
     source, dest = os.fspath(source), os.fspath(dest)
-    if dest == '':
-        raise DatasetToolError('--dest must not be empty: give an output .zip file name or directory')
+    _check_dest(source, dest)
     if max_images is not None and max_images < 1:
         raise DatasetToolError(f'--max-images={max_images} must be at least 1')
     if batch_size < 1:

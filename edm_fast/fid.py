@@ -147,10 +147,14 @@ def load_stats(path, what='--ref'):
                                f'statistics; make one with `python fid.py ref`')
             mu, sigma = data['mu'], data['sigma']
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise FIDError(f'{what} {path}: cannot read it as .npz ({e}); the file is corrupt or not FID statistics') from e
+        why = 'not an .npz file' if 'pickled' in str(e) else str(e)  # numpy's advice to unpickle does not apply
+        raise FIDError(f'{what} {path}: cannot read it as .npz ({why}); the file is corrupt or not FID statistics') from e
     if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
         raise FIDError(f'{what} {path}: mu has shape {mu.shape} and sigma {sigma.shape}, expected ({FEATURE_DIM},) and '
                        f'({FEATURE_DIM}, {FEATURE_DIM}) (Inception-v3 pool features)')
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f'{what} {path}: mu or sigma holds NaN or inf; the statistics are corrupt: re-create them with '
+                       f'`python fid.py ref`')
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 

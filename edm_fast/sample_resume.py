@@ -55,6 +55,12 @@ def _to_ranges(seeds):
 
 
 def _from_ranges(ranges):
+    """[[a, b], ...] -> the seeds a..b; ValueError for ranges no run can have written (a damaged file)."""
+    from .cli_options import MAX_SEED, MAX_SEEDS
+    if not isinstance(ranges, list) or not all(isinstance(r, list) and len(r) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED for v in r) and r[0] <= r[1]
+            for r in ranges) or sum(b - a + 1 for a, b in ranges) > MAX_SEEDS:
+        raise ValueError(f'seed ranges {str(ranges)[:60]} are not ranges of seeds 0..{MAX_SEED}')
     return {s for a, b in ranges for s in range(a, b + 1)}
 
 

@@ -556,3 +556,17 @@ def test_encode_without_the_vae_fails_clearly(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['src']
     help_text = runner.invoke(main, ['encode', '--help']).output
     assert '--model-url' in help_text and 'img-mean-std' in help_text
+
+
+def test_dest_must_not_be_the_source(tmp_path):
+    """--dest equal to --source (or inside a source folder) would replace the source with the (smaller) new dataset."""
+    folder = tmp_path / 'src'
+    for i in range(3):
+        _save(folder / f'{i}.png', _rand((8, 8, 3), i))
+    zipped = tmp_path / 'src.zip'
+    convert_dataset(str(folder), str(zipped), progress=False)
+    before = zipped.read_bytes()
+    for source, dest in [(zipped, zipped), (folder, folder), (folder, folder / 'out.zip')]:
+        with pytest.raises(DatasetToolError, match='is --source=.* or inside it'):
+            convert_dataset(str(source), str(dest), max_images=1, progress=False)
+    assert zipped.read_bytes() == before and sorted(os.listdir(folder)) == ['0.png', '1.png', '2.png']

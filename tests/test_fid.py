@@ -522,3 +522,14 @@ def test_cuda_gen_overlap_equals_sequential(gen_setup):
     b = fid.generate_inception_stats(net, seeds, det, overlap=False, **kw)
     assert a[2] == b[2] == 24
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_corrupt_reference_statistics_are_refused_before_any_work(tmp_path):
+    """NaN statistics used to hang in sqrtm after all the feature extraction; a non-npz got numpy's advice to unpickle."""
+    np.savez(tmp_path / 'nan.npz', mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    with pytest.raises(fid.FIDError, match='NaN or inf'):
+        fid.load_stats(tmp_path / 'nan.npz')
+    (tmp_path / 'garbage.npz').write_bytes(b'\x80' + bytes(range(200)))
+    with pytest.raises(fid.FIDError, match=r'not an \.npz file') as e:
+        fid.load_stats(tmp_path / 'garbage.npz')
+    assert 'allow_pickle' not in str(e.value)

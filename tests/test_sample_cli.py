@@ -203,6 +203,15 @@ def test_resume_regenerates_a_png_cut_short(snapshots, tmp_path):
     assert (out / '000002.png').read_bytes() == (full / '000002.png').read_bytes()
 
 
+def test_resume_refuses_a_damaged_settings_file(snapshots, tmp_path):
+    """Seed ranges no run can have written (a damaged or hand-edited file) are an error, not a set of 10^11 seeds."""
+    args = ['--network', snapshots[0], '--seeds', '0-1', '--outdir', str(tmp_path)]
+    assert invoke(*args).exit_code == 0
+    (tmp_path / '.sample-settings.json').write_text('{"runs": [{"settings": {}, "seeds": [[0, 99999999999]]}]}')
+    r = invoke(*args, '--resume')
+    assert r.exit_code == 2 and 'cannot read' in r.output and 'drop --resume' in r.output, r.output
+
+
 def test_resume_with_every_image_present_samples_nothing(snapshots, tmp_path):
     args = ['--network', snapshots[1], '--outdir', str(tmp_path), '--seeds', '0-2']
     assert invoke(*args).exit_code == 0

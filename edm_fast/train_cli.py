@@ -434,6 +434,11 @@ def setup_edm(opts, rank, world):
             training_state.check_source_fits(state['net'], meta_network(c, dataset_obj).state_dict(),
                                              require_all=True, what=f'--resume={resume}',
                                              fix=f'{fix} and the same --data')
+            if state['cur_nimg'] >= c['total_kimg'] * 1000:
+                raise click.ClickException(
+                    f'--resume={resume} is at {state["cur_nimg"] / 1000:.3f} kimg, already at or past --duration='
+                    f'{opts["duration"]:g} Mimg ({c["total_kimg"]} kimg): nothing to train, and continuing would '
+                    f'overwrite its files; raise --duration to train further')
             continue_dir = os.path.dirname(os.path.abspath(resume))
             c['resume_state_dump'] = resume
         else:

@@ -107,19 +107,19 @@ def _nvlabs_state(folder, cbase=16, snapshot=True):
     return str(folder / 'training-state-000000.pt')
 
 
-def _edm_fast_run(folder):
+def _edm_fast_run(folder, cur_nimg=16):
     """A run directory holding an edm_fast training state of train_args(batch=16, --cbase=16)."""
     folder.mkdir(exist_ok=True)
     net = tiny_edm_net()
     training_state.save(str(folder), rank=0, device='cpu', net=net, ema=net,
-                        optimizer=torch.optim.Adam(net.parameters()), cur_nimg=16, cur_tick=1, tick_start_nimg=16,
+                        optimizer=torch.optim.Adam(net.parameters()), cur_nimg=cur_nimg, cur_tick=1, tick_start_nimg=cur_nimg,
                         elapsed_s=1.0, batch_size=16, world=1, seed=7, network_kwargs=edm_net_kwargs())
     return str(folder)
 
 
 @pytest.mark.parametrize('dry_run', [False, True], ids=['run', 'dry-run'])
 @pytest.mark.parametrize('case', ['batch', 'transfer-missing', 'transfer-foreign', 'transfer-shape', 'resume-no-pkl',
-                                  'resume-nvlabs-shape', 'resume-batch', 'resume-cbase', 'outdir-file'])
+                                  'resume-nvlabs-shape', 'resume-batch', 'resume-cbase', 'resume-done', 'outdir-file'])
 def test_edm_mistakes_end_cleanly_before_writing(data, tmp_path, case, dry_run):
     from nvlabs_pickle_writer import write_network_pickle
     out = tmp_path / 'runs'
@@ -147,6 +147,9 @@ def test_edm_mistakes_end_cleanly_before_writing(data, tmp_path, case, dry_run):
     elif case == 'resume-cbase':
         extra = ['--resume', _edm_fast_run(tmp_path / 'prev'), '--cbase=32']
         words = ['model_channels: 16 in the state, 32 now']
+    elif case == 'resume-done':  # training on would overwrite the finished run's files
+        extra = ['--resume', _edm_fast_run(tmp_path / 'prev', cur_nimg=2000), '--duration=0.001']
+        words = ['at 2.000 kimg', 'past --duration=0.001 Mimg (1 kimg)', 'raise --duration']
     elif case == 'outdir-file':
         out.write_text('not a directory')
         words = ['--outdir', 'is a file']
@@ -157,8 +160,8 @@ def test_edm_mistakes_end_cleanly_before_writing(data, tmp_path, case, dry_run):
     assert sorted(os.listdir(tmp_path)) == before  # nothing written: no run directory, log.txt or options
     if case == 'transfer-foreign':
         assert not marker.exists()
-    if case in ('resume-batch', 'resume-cbase'):
-        assert sorted(os.listdir(tmp_path / 'prev')) == ['training-state-000000.pt']
+    if case in ('resume-batch', 'resume-cbase', 'resume-done'):
+        assert sorted(os.listdir(tmp_path / 'prev')) == [f'training-state-00000{2 if case == "resume-done" else 0}.pt']
 
 
 def test_edm_resume_and_transfer_that_fit_pass_the_checks(data, tmp_path):
@@ -263,6 +266,9 @@ def test_edm2_mistakes_end_cleanly_before_writing(data, unlabelled, mixed, tmp_p
         args, words = edm2_args(data, out, '--snapshot=32'), ['--snapshot', '1024', 'or 0 to disable']
     elif case == 'batch':
         args, words = edm2_args(data, out, '--batch=7', '--batch-gpu=2'), ['--batch', '--batch-gpu', 'multiple of 2']
+    elif case == 'resume-done':  # training on would overwrite the finished run's files
+        extra = ['--resume', _edm_fast_run(tmp_path / 'prev', cur_nimg=2000), '--duration=0.001']
+        words = ['at 2.000 kimg', 'past --duration=0.001 Mimg (1 kimg)', 'raise --duration']
     elif case == 'outdir-file':
         out.write_text('not a directory')
         words = ['--outdir', 'is a file']

@@ -137,6 +137,15 @@ def _plan(outdir, seeds, subdirs, wanted, resume):
     path = os.path.join(outdir, SETTINGS_FILE)
     wanted = _normalise(wanted)
     existing = [s for s in seeds if os.path.exists(image_io.image_path(outdir, s, subdirs))]
+    if resume:
+        present = set(existing)
+        other = [s for s in seeds if s not in present and os.path.exists(image_io.image_path(outdir, s, not subdirs))]
+        if other:
+            example = image_io.image_path(outdir, other[0], not subdirs)
+            return (f'--resume: {len(other)} of the requested PNGs (e.g. {example}) '
+                    f'are {"directly in" if subdirs else "in the per-1000 subfolders of"} {outdir}: they were sampled '
+                    f'{"without" if subdirs else "with"} --subdirs; {"drop" if subdirs else "add"} --subdirs to continue '
+                    f'them')
     record = Record()
     if os.path.exists(path):
         try:

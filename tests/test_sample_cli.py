@@ -212,6 +212,17 @@ def test_resume_refuses_a_damaged_settings_file(snapshots, tmp_path):
     assert r.exit_code == 2 and 'cannot read' in r.output and 'drop --resume' in r.output, r.output
 
 
+def test_resume_keeps_the_subdirs_layout(snapshots, tmp_path):
+    """--resume without --subdirs over a folder sampled with it (or the reverse) would write every image a second
+    time in the other layout, and FID tools read both."""
+    args = ['--network', snapshots[0], '--seeds', '999-1000', '--outdir', str(tmp_path)]
+    assert invoke(*args, '--subdirs').exit_code == 0
+    r = invoke(*args, '--resume')
+    assert r.exit_code == 2 and 'add --subdirs' in r.output, r.output
+    assert sorted(p.name for p in tmp_path.rglob('*.png')) == ['000999.png', '001000.png']
+    assert invoke(*args, '--resume', '--subdirs').exit_code == 0
+
+
 def test_resume_with_every_image_present_samples_nothing(snapshots, tmp_path):
     args = ['--network', snapshots[1], '--outdir', str(tmp_path), '--seeds', '0-2']
     assert invoke(*args).exit_code == 0

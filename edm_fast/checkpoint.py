@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -81,6 +82,16 @@ def detect_format(path):
     if head[:1] == b'\x80':
         return 'pickle'
     if head[:2] == b'PK':
+        try:
+            with zipfile.ZipFile(src) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f'cannot load {src}: a damaged zip archive ({e}); if it is a training state, the '
+                                  f'write was cut short: use an earlier one') from e
+        if not any(n.endswith('data.pkl') for n in names):
+            what = ' (an image dataset?)' if any(n.endswith(('.png', 'dataset.json')) for n in names) else ''
+            raise CheckpointError(f'cannot load {src}: a zip archive{what}, not a checkpoint; pass an edm-*.pkl, a '
+                                  f'network-snapshot-*.pkl or a network-snapshot-*.safetensors')
         return 'zip'
     if looks_safetensors:
         raise CheckpointError(f'cannot load {src}: it looks like an edm_fast/safetensors snapshot, but its header '
@@ -365,7 +376,7 @@ def _read_nvlabs_pickle(src):
         raise CheckpointError(f'cannot load {src}: the pickle holds a {type(data).__name__}, not the dict of an '
                               f'EDM/EDM2 network pickle (keys ema, loss_fn, augment_pipe or encoder, dataset_kwargs)')
     if 'ema' not in data:
-        hint = ' (this looks like a training state; use load_training_state)' if 'net' in data else ''
+        hint = ' (this looks like a training state: resume from it with train.py --resume)' if 'net' in data else ''
         raise CheckpointError(f'cannot load {src}: the pickle has no \'ema\' network (keys: '
                               f'{", ".join(map(str, data))}){hint}; pass an edm-*.pkl or network-snapshot-*.pkl file')
     return data
@@ -675,8 +686,9 @@ def load_snapshot(path):
             format='edm_fast',
         )
     if kind == 'zip':
-        raise CheckpointError(f'cannot load {src} as a snapshot: it is a torch.save file (a training state?); '
-                              f'use load_training_state or load_network')
+        raise CheckpointError(f'cannot load {src} as a network snapshot: it is a training state (a torch.save '
+                              f'file); pass the network-snapshot-* file written beside it, or resume the training '
+                              f'from it with train.py --resume')
     data = _read_nvlabs_pickle(src)
     return dict(
         ema=_finish(_network_from_record(data['ema'], src, 'ema'), 'cpu'),
@@ -700,7 +712,7 @@ def load_training_state(path):
     if kind != 'zip':
         raise CheckpointError(f'cannot load {src} as a training state: it is '
                               f'{"an NVlabs network pickle" if kind == "pickle" else "an edm_fast snapshot"}, not a '
-                              f'training-state-*.pt file; use load_snapshot or load_network')
+                              f'training-state-*.pt file; to start from its weights, use --transfer')
     data = _read_training_state(src)
     if 'optimizer_state' not in data or not isinstance(data['optimizer_state'], dict):
         raise CheckpointError(f'cannot load {src}: the training state has no optimizer_state dict')

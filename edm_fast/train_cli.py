@@ -246,7 +246,9 @@ def run_edm2(opts, explicit):
     edm_only = sorted(n for n in ('arch', 'precond', 'cbase', 'cres', 'ema', 'augment', 'xflip', 'tick', 'snap', 'dump',
                                   'transfer', 'resume', 'nosubdir', 'desc', 'lr_rampup') if n in explicit)
     if edm_only:
-        raise click.UsageError(f'--{edm_only[0].replace("_", "-")} is an EDM option; EDM2 (--preset) does not use it')
+        hint = ('; an EDM2 run resumes by itself when rerun with its --outdir' if edm_only[0] == 'resume' else '')
+        raise click.UsageError(f'--{edm_only[0].replace("_", "-")} is an EDM option; EDM2 (--preset) does not use it'
+                               f'{hint}')
     if opts['preset'] not in presets_edm2.PRESETS:
         raise click.BadParameter(f'{opts["preset"]!r}: expected one of {", ".join(sorted(presets_edm2.PRESETS))}',
                                  param_hint="'--preset'")

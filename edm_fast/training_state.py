@@ -106,6 +106,11 @@ def probe(path):
     if os.path.getsize(path) == 0:
         raise TrainingConfigError(f'training state {path!r} is empty (an interrupted write?); resume from an earlier '
                                   f'state')
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if head[:1] == b'\x80' or head[8:9] == b'{':  # a pickle or a safetensors file: a network, not a state
+        raise TrainingConfigError(f'{path!r} is a network snapshot, not a training state; resume from a '
+                                  f'training-state-*.pt, or start from these weights with --transfer')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # NVlabs states hold pickled modules, which weights_only refuses
@@ -113,6 +118,10 @@ def probe(path):
             return 'nvlabs', None
         raise TrainingConfigError(f'cannot read training state {path!r}: {_first_line(e)}; it is truncated or not a '
                                   f'training state, resume from another one') from e
+    if isinstance(state, dict) and state.get('format') == 'edm_fast.training_state_edm2':
+        raise TrainingConfigError(f'{path!r} is the state of an EDM2 (--preset) run; EDM2 runs continue by rerunning '
+                                  f'train.py with the same --preset and --outdir={os.path.dirname(path) or "."} (no '
+                                  f'--resume)')
     if not isinstance(state, dict) or state.get('format') != FORMAT:
         raise TrainingConfigError(f'{path!r} is not an edm_fast or NVlabs training state; resume from a '
                                   f'training-state-*.pt written by train.py')

@@ -541,7 +541,7 @@ def test_pickle_without_ema(tmp_path):
     net = make_net(SMALL['edm-songunet-skip'])
     path = tmp_path / 'x.pkl'
     writer.dump_nvlabs(dict(net=net), path)
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: the pickle has no 'ema'.*load_training_state"):
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: the pickle has no 'ema'.*train.py --resume"):
         checkpoint.load_network(path)
     writer.dump_nvlabs([1, 2, 3], path)
     with pytest.raises(CheckpointError, match=rf'{re.escape(str(path))}: the pickle holds a list'):
@@ -831,3 +831,16 @@ def test_own_format_corruption(tmp_path):
     p = tmp_path / 'rewritten.safetensors'
     _rewrite(path, p)
     assert_same_network(net, checkpoint.load_network(p))
+
+
+def test_zip_that_is_no_checkpoint_is_named(tmp_path):
+    """A dataset zip or a cut-short training state given as a network gets a message saying what it is."""
+    import zipfile
+    with zipfile.ZipFile(tmp_path / 'data.zip', 'w') as z:
+        z.writestr('00000/img00000000.png', b'x')
+        z.writestr('dataset.json', '{"labels": null}')
+    with pytest.raises(CheckpointError, match=r'a zip archive \(an image dataset\?\), not a checkpoint'):
+        checkpoint.load_network(tmp_path / 'data.zip')
+    (tmp_path / 'cut.pt').write_bytes(b'PK\x03\x04' + bytes(100))
+    with pytest.raises(CheckpointError, match='a damaged zip archive'):
+        checkpoint.load_network(tmp_path / 'cut.pt')

@@ -164,6 +164,20 @@ def test_edm_mistakes_end_cleanly_before_writing(data, tmp_path, case, dry_run):
         assert sorted(os.listdir(tmp_path / 'prev')) == [f'training-state-00000{2 if case == "resume-done" else 0}.pt']
 
 
+def test_edm_resume_from_the_wrong_kind_of_file_says_what_it_is(data, tmp_path):
+    """A network where a state belongs (torch.load used to say: install safetensors), an EDM2 run's state."""
+    from nvlabs_pickle_writer import write_network_pickle
+    from edm_fast import checkpoint
+    write_network_pickle(str(tmp_path / 'net.pkl'), ema=tiny_edm_net())
+    checkpoint.save_snapshot(tmp_path / 'net.safetensors', tiny_edm_net())
+    torch.save(dict(format='edm_fast.training_state_edm2', version=1), tmp_path / 'training-state-0000001.pt')
+    for path, words in [(tmp_path / 'net.pkl', 'is a network snapshot, not a training state'),
+                        (tmp_path / 'net.safetensors', 'is a network snapshot, not a training state'),
+                        (tmp_path / 'training-state-0000001.pt', 'the state of an EDM2 (--preset) run')]:
+        result = invoke(*train_args(data, tmp_path / 'runs', extra=['--resume', path, '-n']))
+        assert result.exit_code == 2 and words in result.output and 'Traceback' not in result.output, explain(result)
+
+
 def test_edm_resume_and_transfer_that_fit_pass_the_checks(data, tmp_path):
     from nvlabs_pickle_writer import write_network_pickle
     write_network_pickle(str(tmp_path / 'same.pkl'), ema=tiny_edm_net())

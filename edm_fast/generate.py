@@ -95,6 +95,10 @@ def is_edm2(net):
 def sampler_for(net, gnet=None, guidance=None, **sampler_kwargs):
     """(sampler function, kwargs) for this network: EDM2 networks take the EDM2 sampler (with optional
     guidance by `gnet`), EDM networks edm_sampler or the ablation sampler (NVlabs generate.py rule)."""
+    lo, hi = sampler_kwargs.get('sigma_min'), sampler_kwargs.get('sigma_max')
+    if lo is not None and hi is not None and lo >= hi:
+        raise ValueError(f'--sigma_min={lo:g} must be below --sigma_max={hi:g} (the noise levels run from sigma_max '
+                         f'down to sigma_min)')
     if is_edm2(net):
         kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
         ablation = sorted(k for k in ABLATION_KEYS if k in kwargs)

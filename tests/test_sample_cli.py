@@ -97,6 +97,8 @@ def test_ablation_flags_select_ablation_sampler(snapshots, tmp_path):
     (['--seeds', '3-1'], '--seeds', 'a <= b'),
     (['--class', '7'], '--class', 'out of range'),
     (['--steps', '1'], '--steps', '1'),
+    (['--sigma_min', '5', '--sigma_max', '1'], '--sigma_min=5', 'must be below --sigma_max=1'),
+    (['--S_noise', 'nan'], '--S_noise', 'not a finite number'),
 ])
 def test_errors_name_the_flag(snapshots, tmp_path, args, flag, words):
     r = invoke('--network', snapshots[0], '--outdir', str(tmp_path), *args)

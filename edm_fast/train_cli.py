@@ -493,6 +493,12 @@ def setup_edm(opts, rank, world):
         check_outdir(opts['outdir'])
         if opts['nosubdir']:
             c['run_dir'] = opts['outdir']
+            held = sorted(f for f in (os.listdir(c['run_dir']) if os.path.isdir(c['run_dir']) else [])
+                          if re.fullmatch(r'(training-state|network-snapshot)-\d+\.(pt|pkl|safetensors)', f))
+            if held:
+                raise click.ClickException(f'--outdir={opts["outdir"]} already holds a run ({held[-1]}), which '
+                                           f'--nosubdir would overwrite; continue it with --resume={opts["outdir"]}, '
+                                           f'or choose another --outdir')
         else:
             # The id counts run directories only (spec §5.2): files in --outdir do not take a number.
             outdir = opts['outdir']

@@ -229,8 +229,8 @@ class _StopFlag:
         if self.requested:  # a second signal: give up immediately
             raise KeyboardInterrupt
         self.requested = True
-        print(f'\nReceived {signal.Signals(signum).name}: finishing the current step and writing a training state...',
-              flush=True)
+        print(f'\nReceived {signal.Signals(signum).name}: finishing the current step and writing a training state '
+              f'(a second signal quits at once, without saving)...', flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

@@ -178,6 +178,13 @@ def test_edm_resume_from_the_wrong_kind_of_file_says_what_it_is(data, tmp_path):
         assert result.exit_code == 2 and words in result.output and 'Traceback' not in result.output, explain(result)
 
 
+def test_nosubdir_does_not_overwrite_a_run(data, tmp_path):
+    prev = _edm_fast_run(tmp_path / 'prev')
+    result = invoke(*train_args(data, prev, extra=['--nosubdir']))
+    assert_clean_error(result, 'already holds a run (training-state-000000.pt)', f'--resume={prev}')
+    assert sorted(os.listdir(prev)) == ['training-state-000000.pt']
+
+
 def test_edm_resume_and_transfer_that_fit_pass_the_checks(data, tmp_path):
     from nvlabs_pickle_writer import write_network_pickle
     write_network_pickle(str(tmp_path / 'same.pkl'), ema=tiny_edm_net())

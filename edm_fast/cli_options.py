@@ -83,7 +83,11 @@ def check_output_file(path, param_hint):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise click.BadParameter(f'cannot create the folder of {path!r}: {e.strerror}', param_hint=param_hint)
+        blocker = folder
+        while blocker != os.path.dirname(blocker) and not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        why = f'{blocker} is a file, not a folder' if os.path.isfile(blocker) else e.strerror
+        raise click.BadParameter(f'cannot create the folder of {path!r}: {why}', param_hint=param_hint)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise click.BadParameter(f'cannot write {path!r}: permission denied', param_hint=param_hint)
     error = write_probe(folder)

@@ -138,6 +138,8 @@ def load_stats(path, what='--ref'):
     if '://' in str(path):
         raise FIDError(f'{what} {path}: this machine cannot download; fetch the file elsewhere (e.g. from '
                        f'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/) and pass its local path')
+    if os.path.isdir(path):
+        raise FIDError(f'{what} {path} is a directory; give the .npz file of reference statistics')
     if not os.path.isfile(path):
         raise FIDError(f'{what} {path}: no such file; make one with `python fid.py ref --data=DATASET --dest={path}`')
     try:
@@ -234,7 +236,8 @@ def open_images(path, max_size=None, random_seed=0):
     try:
         return _FolderImages(path, max_size, random_seed)
     except DatasetError as e:
-        raise FIDError(str(e).replace('--data must point to', 'expected')) from e
+        raise FIDError(str(e).replace('--data must point to', 'expected').replace('point --data at', 'point it at')) \
+            from e
 
 
 # ----------------------------------------------------------------------------------------------------

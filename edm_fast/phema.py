@@ -284,7 +284,8 @@ def list_input_snapshots(in_dir, in_prefix=None, in_std=None):
     """
     from . import checkpoint
     if not os.path.isdir(in_dir):
-        raise PhemaError(f'input directory {in_dir!r} does not exist', 'in_dir')
+        what = 'is a file, not a directory' if os.path.exists(in_dir) else 'does not exist'
+        raise PhemaError(f'input directory {in_dir!r} {what}', 'in_dir')
     if isinstance(in_std, str):
         try:
             in_std = parse_std_list(in_std)
@@ -355,6 +356,11 @@ def reconstruct_phema(in_snapshots, out_std, out_kimg=None, out_dir='.', out_pre
     """
     from . import checkpoint
     inputs = _resolve_inputs(in_snapshots, in_prefix, in_std)
+    if not inputs and in_std is not None and isinstance(in_snapshots, (str, os.PathLike)):
+        present = sorted({f'{s["std"]:.3f}' for s in _resolve_inputs(in_snapshots, in_prefix, None)})
+        if present:
+            raise PhemaError(f'none of the snapshots in {in_snapshots!r} has an EMA length in --instd (they have '
+                             f'{", ".join(present)})', 'in_std')
     if not inputs:
         raise PhemaError(f'no input snapshots found in {in_snapshots!r} (expected files named '
                          f'<prefix>-<kimg>-<std>.safetensors or .pkl)', 'in_dir')

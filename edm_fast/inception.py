@@ -554,6 +554,9 @@ def load_detector(path=None, device='cpu', precision='auto'):
     TorchScript archive. Cached per (file, device, precision) within the process.
     """
     source = os.path.abspath(path) if path is not None else default_detector_path()
+    if os.path.isdir(source):
+        raise DetectorError(f'detector {source} is a directory; pass the detector file itself (NVIDIA\'s '
+                            f'inception-2015-12-05.pkl)')
     if not os.path.isfile(source):
         raise DetectorError(f'detector file {source} does not exist; pass the local path of NVIDIA\'s '
                             f'inception-2015-12-05.pkl (this machine cannot download it)')

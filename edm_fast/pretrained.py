@@ -67,6 +67,9 @@ def resolve_preset(preset, model_dir):
         raise PresetError(f'unknown preset {preset!r}; one of: {", ".join(EDM2_PRESETS)}')
     net, gnet, guidance = EDM2_PRESETS[preset]
     files = [edm2_file(n) for n in (net, gnet) if n is not None]
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise PresetError(f'--models={model_dir} is a file, not a folder; pass the folder holding the preset\'s '
+                          f'.pkl files')
     missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
     if missing:
         urls = ' '.join(f'{EDM2_ROOT}/{f}' for f in missing)

@@ -111,6 +111,9 @@ def probe(path):
     if head[:1] == b'\x80' or head[8:9] == b'{':  # a pickle or a safetensors file: a network, not a state
         raise TrainingConfigError(f'{path!r} is a network snapshot, not a training state; resume from a '
                                   f'training-state-*.pt, or start from these weights with --transfer')
+    if head[:2] != b'PK':  # every torch.save file (ours and NVlabs') is a zip archive
+        raise TrainingConfigError(f'{path!r} is not a training state (not a torch.save file); resume from a '
+                                  f'training-state-*.pt written by train.py')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # NVlabs states hold pickled modules, which weights_only refuses

@@ -533,3 +533,13 @@ def test_corrupt_reference_statistics_are_refused_before_any_work(tmp_path):
     with pytest.raises(fid.FIDError, match=r'not an \.npz file') as e:
         fid.load_stats(tmp_path / 'garbage.npz')
     assert 'allow_pickle' not in str(e.value)
+
+
+def test_wrong_kinds_of_path_are_named(tmp_path):
+    """A folder as --detector, a file as generate_images --models: said so, not 'does not exist' / 'fetch it'."""
+    from edm_fast import pretrained
+    with pytest.raises(inception.DetectorError, match='is a directory'):
+        inception.load_detector(tmp_path, device='cpu')
+    (tmp_path / 'models.txt').write_text('x')
+    with pytest.raises(pretrained.PresetError, match='is a file, not a folder'):
+        pretrained.resolve_preset('edm2-img64-s-autog-fid', str(tmp_path / 'models.txt'))

@@ -171,9 +171,11 @@ def test_edm_resume_from_the_wrong_kind_of_file_says_what_it_is(data, tmp_path):
     write_network_pickle(str(tmp_path / 'net.pkl'), ema=tiny_edm_net())
     checkpoint.save_snapshot(tmp_path / 'net.safetensors', tiny_edm_net())
     torch.save(dict(format='edm_fast.training_state_edm2', version=1), tmp_path / 'training-state-0000001.pt')
+    PIL.Image.new('RGB', (8, 8)).save(tmp_path / 'img.png')
     for path, words in [(tmp_path / 'net.pkl', 'is a network snapshot, not a training state'),
                         (tmp_path / 'net.safetensors', 'is a network snapshot, not a training state'),
-                        (tmp_path / 'training-state-0000001.pt', 'the state of an EDM2 (--preset) run')]:
+                        (tmp_path / 'training-state-0000001.pt', 'the state of an EDM2 (--preset) run'),
+                        (tmp_path / 'img.png', 'not a training state (not a torch.save file)')]:
         result = invoke(*train_args(data, tmp_path / 'runs', extra=['--resume', path, '-n']))
         assert result.exit_code == 2 and words in result.output and 'Traceback' not in result.output, explain(result)
 

@@ -289,9 +289,6 @@ def test_edm2_mistakes_end_cleanly_before_writing(data, unlabelled, mixed, tmp_p
         args, words = edm2_args(data, out, '--snapshot=32'), ['--snapshot', '1024', 'or 0 to disable']
     elif case == 'batch':
         args, words = edm2_args(data, out, '--batch=7', '--batch-gpu=2'), ['--batch', '--batch-gpu', 'multiple of 2']
-    elif case == 'resume-done':  # training on would overwrite the finished run's files
-        extra = ['--resume', _edm_fast_run(tmp_path / 'prev', cur_nimg=2000), '--duration=0.001']
-        words = ['at 2.000 kimg', 'past --duration=0.001 Mimg (1 kimg)', 'raise --duration']
     elif case == 'outdir-file':
         out.write_text('not a directory')
         words = ['--outdir', 'is a file']

@@ -30,20 +30,29 @@ MAX_SEED = (1 << 32) - 1  # a seed is a 32-bit generator seed (NVlabs seeds with
 MAX_SEEDS = 100_000_000  # per command: FID takes 50,000; far more is a typo, and the list would exhaust memory
 
 
+def parse_ranges(text):
+    """'0-3,10,20-21' -> [(0, 3), (10, 10), (20, 21)]: non-negative integers and inclusive ranges a-b with a <= b;
+    None for any other text."""
+    parts = []
+    for part in str(text).split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            return None
+        parts.append((int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))))
+    return parts
+
+
 def parse_seeds(ctx, param, value):
     """'0-63,100,200-210' -> [0, ..., 63, 100, 200, ..., 210] (ranges inclusive); None stays None."""
     if value is None or isinstance(value, list):
         return value
-    parts = []
-    for part in str(value).split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise click.BadParameter(f'{value!r}: expected a comma-separated list of non-negative integers and '
-                                     f'inclusive ranges a-b with a <= b, e.g. 0-63,100,200-210')
-        first, last = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+    parts = parse_ranges(value)
+    if parts is None:
+        raise click.BadParameter(f'{value!r}: expected a comma-separated list of non-negative integers and '
+                                 f'inclusive ranges a-b with a <= b, e.g. 0-63,100,200-210')
+    for first, last in parts:
         if last > MAX_SEED:
             raise click.BadParameter(f'{value!r}: seed {last} is above {MAX_SEED}; seeds are 32-bit generator seeds')
-        parts.append((first, last))
     count = sum(last - first + 1 for first, last in parts)
     if count > MAX_SEEDS:
         raise click.BadParameter(f'{value!r}: {count:,} seeds; at most {MAX_SEEDS:,} per command (FID needs 50,000: '

@@ -136,13 +136,12 @@ def parse_int_list(ctx, param, value):
     """'1,2,2,2' or '1-3,4' -> list of positive ints (None stays None): the channel multiplier per resolution."""
     if value is None or isinstance(value, list):
         return value
-    out = []
-    for part in str(value).split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if not m:
-            raise click.BadParameter(f'{value!r}: expected comma-separated integers or ranges a-b')
-        out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m.group(2) else [int(m.group(1))])
-    if not out or min(out) < 1 or len(out) > 16:
+    parts = cli_options.parse_ranges(value)
+    if parts is None:
+        raise click.BadParameter(f'{value!r}: expected comma-separated integers or ranges a-b')
+    count = sum(b - a + 1 for a, b in parts)  # checked before the list is built: '0-99999999999' is one range
+    out = [v for a, b in parts for v in range(a, b + 1)] if count <= 16 else []
+    if not out or min(out) < 1:
         raise click.BadParameter(f'{value!r}: expected 1 to 16 channel multipliers, each at least 1 (one per '
                                  f'resolution, e.g. 2,2,2)')
     return out
